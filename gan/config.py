@@ -1,0 +1,371 @@
+"""Typed, frozen run configuration: sections, validation, YAML loading, dotted overrides, flattening."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+POINT_SOURCES = ("ring8", "grid25")
+IMAGE_SOURCES = ("digits", "mnist", "fashion-mnist", "cifar10", "idx", "folder")
+SOURCES = POINT_SOURCES + IMAGE_SOURCES
+MODEL_FAMILIES = ("mlp", "dcgan")
+LOSSES = ("bce", "hinge", "wgan-gp", "lsgan")
+DCGAN_RESOLUTIONS = (28, 32, 64)
+
+
+class ConfigError(ValueError):
+    """A config value or key is wrong; the message names the dotted key."""
+
+
+def _check(ok: bool, key: str, what: str, value: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{key} {what}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    source: str = "ring8"
+    """Dataset: ring8, grid25 (2-D mixtures), digits (sklearn), mnist, fashion-mnist, cifar10, idx, folder."""
+    root: str = ""
+    """Folder for idx/folder sources, and the torchvision download/cache root for mnist, fashion-mnist, cifar10."""
+    download: bool = False
+    """Let torchvision download mnist/fashion-mnist/cifar10 into `root` when they are not there yet."""
+    resolution: int = 28
+    """Image side in pixels after resizing (digits: 16 or 28; ignored for 2-D sources)."""
+    channels: int = 0
+    """Image channels to store: 1 or 3; 0 keeps the source's own."""
+    num_samples: int = 20000
+    """Points drawn for the 2-D sources (train and test together)."""
+    test_fraction: float = 0.2
+    """Share held out as the test split when the source has no official split."""
+    seed: int = 0
+    """Seed of the synthetic draws and of the train/test split."""
+    shard_rows: int = 4096
+    """Rows per Parquet shard."""
+    out_dir: str = "data"
+    """Where prepared datasets are written (a sub-folder per dataset id)."""
+
+    def __post_init__(self) -> None:
+        _check(self.source in SOURCES, "data.source", f"must be one of {', '.join(SOURCES)}", self.source)
+        _check(self.resolution >= 8, "data.resolution", "must be >= 8", self.resolution)
+        _check(self.channels in (0, 1, 3), "data.channels", "must be 0, 1 or 3", self.channels)
+        _check(self.num_samples >= 10, "data.num_samples", "must be >= 10", self.num_samples)
+        _check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", self.test_fraction)
+        _check(self.shard_rows >= 1, "data.shard_rows", "must be >= 1", self.shard_rows)
+        _check(bool(self.out_dir), "data.out_dir", "must not be empty", self.out_dir)
+        if self.source in ("idx", "folder"):
+            _check(bool(self.root), "data.root", f"must name a folder for source {self.source}", self.root)
+        if self.source == "digits":
+            _check(self.resolution in (8, 16, 28), "data.resolution", "must be 8, 16 or 28 for digits",
+                   self.resolution)
+
+    @property
+    def is_points(self) -> bool:
+        return self.source in POINT_SOURCES
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    family: str = "mlp"
+    """Network family from the registry: mlp or dcgan."""
+    z_dim: int = 100
+    """Latent size."""
+    hidden: tuple[int, ...] = (256,)
+    """MLP generator widths from latent to output; D mirrors them (2-D reference: (256,), MNIST: (256, 512, 1024))."""
+    g_width: int = 64
+    """DCGAN: channels of G's last hidden block (doubled per block towards the latent)."""
+    d_width: int = 64
+    """DCGAN: channels of D's first block (doubled per block)."""
+    spectral_norm: bool = False
+    """Spectral normalisation on D's layers."""
+    conditional: bool = False
+    """Class-conditional G (label embedding) and projection D; needs labelled data."""
+    semi_supervised: bool = False
+    """D with K+1 outputs (K classes + fake), trained from `labels` labelled examples."""
+    labels: int = 100
+    """Semi-supervised: how many training examples keep their label."""
+
+    def __post_init__(self) -> None:
+        _check(self.family in MODEL_FAMILIES, "model.family", f"must be one of {', '.join(MODEL_FAMILIES)}",
+               self.family)
+        _check(self.z_dim >= 1, "model.z_dim", "must be >= 1", self.z_dim)
+        _check(len(self.hidden) >= 1 and all(w >= 1 for w in self.hidden), "model.hidden",
+               "must be a non-empty list of positive widths", self.hidden)
+        _check(self.g_width >= 1, "model.g_width", "must be >= 1", self.g_width)
+        _check(self.d_width >= 1, "model.d_width", "must be >= 1", self.d_width)
+        _check(not (self.conditional and self.semi_supervised), "model.semi_supervised",
+               "cannot be combined with model.conditional", self.semi_supervised)
+        _check(self.labels >= 1, "model.labels", "must be >= 1", self.labels)
+
+
+@dataclass(frozen=True, kw_only=True)
+class LossConfig:
+    kind: str = "bce"
+    """Adversarial loss: bce (non-saturating), hinge, wgan-gp, lsgan."""
+    gp_weight: float = 10.0
+    """Gradient-penalty weight for wgan-gp."""
+    n_critic: int = 1
+    """D steps per G step (5 is usual for wgan-gp)."""
+    r1_gamma: float = 0.0
+    """R1 penalty weight on real data (0 disables it)."""
+
+    def __post_init__(self) -> None:
+        _check(self.kind in LOSSES, "loss.kind", f"must be one of {', '.join(LOSSES)}", self.kind)
+        _check(self.gp_weight >= 0, "loss.gp_weight", "must be >= 0", self.gp_weight)
+        _check(self.n_critic >= 1, "loss.n_critic", "must be >= 1", self.n_critic)
+        _check(self.r1_gamma >= 0, "loss.r1_gamma", "must be >= 0", self.r1_gamma)
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr_g: float = 2e-4
+    """Adam learning rate of G."""
+    lr_d: float = 2e-4
+    """Adam learning rate of D."""
+    beta1: float = 0.5
+    """Adam beta1 (0.5 is the DCGAN choice; 0.0 for wgan-gp)."""
+    beta2: float = 0.999
+    """Adam beta2."""
+    ema: bool = True
+    """Keep an exponential moving average of G's weights (G_ema)."""
+    ema_decay: float = 0.999
+    """Decay of G_ema per G step."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr_g > 0, "optim.lr_g", "must be > 0", self.lr_g)
+        _check(self.lr_d > 0, "optim.lr_d", "must be > 0", self.lr_d)
+        _check(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)", self.beta1)
+        _check(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)", self.beta2)
+        _check(0 < self.ema_decay < 1, "optim.ema_decay", "must be in (0, 1)", self.ema_decay)
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    batch_size: int = 64
+    """Global batch size; each of N workers takes batch_size // N."""
+    kimg: float = 10.0
+    """Training length in thousands of real images shown to D."""
+    seed: int = 0
+    """Seed of weights, latents and data order."""
+    log_every_kimg: float = 1.0
+    """Report metrics every this many kimg."""
+    checkpoint_every_kimg: float = 5.0
+    """Save a full checkpoint every this many kimg (and at the end)."""
+    keep_checkpoints: int = 3
+    """How many recent checkpoints to keep."""
+    nonfinite_patience: int = 5
+    """Stop with an error after this many non-finite losses in a row (each such step is skipped)."""
+    sample_grid: int = 64
+    """Fixed latents rendered in each sample grid."""
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
+        _check(self.kimg > 0, "train.kimg", "must be > 0", self.kimg)
+        _check(self.log_every_kimg > 0, "train.log_every_kimg", "must be > 0", self.log_every_kimg)
+        _check(self.checkpoint_every_kimg > 0, "train.checkpoint_every_kimg", "must be > 0",
+               self.checkpoint_every_kimg)
+        _check(self.keep_checkpoints >= 1, "train.keep_checkpoints", "must be >= 1", self.keep_checkpoints)
+        _check(self.nonfinite_patience >= 1, "train.nonfinite_patience", "must be >= 1",
+               self.nonfinite_patience)
+        _check(self.sample_grid >= 1, "train.sample_grid", "must be >= 1", self.sample_grid)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    num_samples: int = 10000
+    """Generated and real samples per metric (named in the metric key, e.g. eval/fid_10k)."""
+    batch_size: int = 500
+    """Batch size of evaluation forward passes."""
+    seed: int = 1234
+    """Seed of the evaluation latents, so the same model gives the same numbers."""
+    inception_weights: str = ""
+    """Local Inception-v3 weights file; empty uses the trained evaluator."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 2, "eval.num_samples", "must be >= 2", self.num_samples)
+        _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1", self.batch_size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScaleConfig:
+    num_workers: int = 1
+    """Ray Train workers (data-parallel replicas)."""
+    use_gpu: bool = False
+    """One GPU per worker."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker (fractions allowed)."""
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, "scale.num_workers", "must be >= 1", self.num_workers)
+        _check(self.cpus_per_worker > 0, "scale.cpus_per_worker", "must be > 0", self.cpus_per_worker)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RegisterConfig:
+    model_name: str = ""
+    """Registered model name; empty means gan-<data.source>."""
+    max_fid: float = 0.0
+    """Refuse to register a model whose FID exceeds this (0 disables the gate)."""
+
+    def __post_init__(self) -> None:
+        _check(self.max_fid >= 0, "register.max_fid", "must be >= 0", self.max_fid)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    name: str = "gan"
+    """Run name; a re-run with the same name resumes."""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name), "name", "must not be empty", self.name)
+        workers = self.scale.num_workers
+        _check(self.train.batch_size % workers == 0, "train.batch_size",
+               f"must be divisible by scale.num_workers={workers}", self.train.batch_size)
+        if self.model.family == "dcgan":
+            _check(not self.data.is_points, "model.family", "dcgan needs image data, not 2-D points",
+                   self.model.family)
+            _check(self.data.resolution in DCGAN_RESOLUTIONS, "data.resolution",
+                   f"must be one of {DCGAN_RESOLUTIONS} for dcgan", self.data.resolution)
+        if self.model.conditional or self.model.semi_supervised:
+            _check(not self.data.is_points, "model.conditional", "needs labelled image data",
+                   self.data.source)
+
+
+def _field_type(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Checks `value` against the annotation `tp`; ints are accepted for floats, lists for tuples."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        item_tp = typing.get_args(tp)[0]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if value is None and arg is type(None):
+                return None
+        return _coerce(value, next(a for a in typing.get_args(tp) if a is not type(None)), key)
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
+        raise ConfigError(f"{key} must be of type {tp.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(values, dict):
+        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {values!r}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in values:
+        if key not in names:
+            where = f"{prefix}.{key}" if prefix else key
+            raise ConfigError(f"unknown key {where!r}; known keys: {', '.join(sorted(names))}")
+    kwargs = {}
+    for name, value in values.items():
+        key = f"{prefix}.{name}" if prefix else name
+        tp = _field_type(cls, name)
+        kwargs[name] = _build(tp, value, key) if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
+    return cls(**kwargs)
+
+
+def from_dict(values: dict[str, Any]) -> Config:
+    """Builds a Config from nested plain values; unknown keys and bad values raise ConfigError."""
+    return _build(Config, values, "")
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Nested plain values (tuples as lists): the form that crosses the Ray boundary and YAML."""
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+    return plain(dataclasses.asdict(cfg))
+
+
+def flatten(cfg: Config) -> dict[str, Any]:
+    """Dotted keys (`optim.lr_g`) to values: MLflow params, Tune search spaces and --set share these names."""
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else k, v)
+        else:
+            out[prefix] = value
+    walk("", to_dict(cfg))
+    return out
+
+
+def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Returns a deep copy of nested `values` with dotted keys set; unknown keys are caught when built."""
+    merged = json.loads(json.dumps(values))
+    for dotted, value in overrides.items():
+        node = merged
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"{dotted}: {part!r} is a value, not a section")
+            node = child
+        node[leaf] = value
+    return merged
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parses `key=value` from the command line; the value is read as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{key}: cannot parse value {raw!r}: {err}") from err
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
+    """YAML file (optional) plus `key=value` overrides -> validated Config."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(Path(path).read_text())
+        except FileNotFoundError as err:
+            raise ConfigError(f"config file {path} does not exist") from err
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
+        values = loaded or {}
+    if overrides:
+        pairs = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
+        values = apply_overrides(values, dict(pairs))
+    return from_dict(values)
+
+
+def config_hash(section: Any) -> str:
+    """Short stable hash of a config (or one section), for lineage and cache keys."""
+    plain = to_dict(section) if isinstance(section, Config) else dataclasses.asdict(section)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
