@@ -266,6 +266,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return _coerce(value, next(a for a in typing.get_args(tp) if a is not type(None)), key)
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):
+        # PyYAML reads `1e-3` (no dot) as a string: accept what float() accepts.
+        try:
+            return float(value)
+        except ValueError:
+            pass
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):

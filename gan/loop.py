@@ -1,0 +1,231 @@
+"""The training loop: fit(cfg, batches, ...) counts images, skips non-finite steps, reports and checkpoints
+through injected callables, so the same loop runs in-process, under Ray Train or under Ray Tune."""
+
+from __future__ import annotations
+
+import copy
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from gan.checkpoint import load_checkpoint, save_checkpoint, unwrap
+from gan.config import Config, to_dict
+from gan.models import build_models
+from gan.samples import save_samples
+from gan.step import StepStats, d_step, ema_update, g_step
+
+Batch = tuple[Tensor, Tensor | None]
+Batches = Callable[[int], Iterable[Batch]]
+"""epoch -> that epoch's local batches (x in the model range, labels or None), the same every call."""
+Report = Callable[[dict[str, float], str | None], None]
+"""(metrics, checkpoint folder or None) -> None; the folder is deleted once report returns."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training produced non-finite losses or gradients for `train.nonfinite_patience` steps in a row."""
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """What the networks need to know about the data: example shape, class count, point scale, modes."""
+
+    shape: tuple[int, ...]
+    num_classes: int = 0
+    scale: float = 1.0
+    centres: np.ndarray | None = None
+
+
+@dataclass
+class TrainState:
+    """Everything a checkpoint holds; counters are global (all workers together)."""
+
+    G: nn.Module
+    D: nn.Module
+    G_ema: nn.Module
+    opt_g: torch.optim.Optimizer
+    opt_d: torch.optim.Optimizer
+    images: int = 0
+    d_steps: int = 0
+    g_steps: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+    last_metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def kimg(self) -> float:
+        return self.images / 1000.0
+
+    def counters(self) -> dict[str, int]:
+        return {"images": self.images, "d_steps": self.d_steps, "g_steps": self.g_steps,
+                "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}
+
+
+def build_state(cfg: Config, spec: DataSpec, *, device: torch.device | str = "cpu",
+                wrap: Callable[[nn.Module], nn.Module] | None = None) -> TrainState:
+    """Seeded G, D (wrapped, e.g. in DDP), G_ema and Adam optimizers; identical on every rank."""
+    torch.manual_seed(cfg.train.seed)
+    G, D = build_models(cfg.model, loss_kind=cfg.loss.kind, data_shape=spec.shape,
+                        num_classes=spec.num_classes)
+    G, D = G.to(device), D.to(device)
+    G_ema = copy.deepcopy(G).requires_grad_(False).eval()
+    if wrap is not None:
+        G, D = wrap(G), wrap(D)
+    o = cfg.optim
+    opt_g = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2))
+    opt_d = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2))
+    return TrainState(G, D, G_ema, opt_g, opt_d)
+
+
+def save_state(state: TrainState, directory: str | Path, cfg: Config, spec: DataSpec) -> Path:
+    return save_checkpoint(
+        directory,
+        modules={"G": state.G, "D": state.D, "G_ema": state.G_ema},
+        optimizers={"opt_g": state.opt_g, "opt_d": state.opt_d},
+        counters=state.counters(),
+        extra={"config": to_dict(cfg), "data_shape": list(spec.shape), "num_classes": spec.num_classes,
+               "scale": spec.scale},
+        meta={"kimg": state.kimg, "name": cfg.name},
+    )
+
+
+def restore_state(state: TrainState, directory: str | Path, *, restore_rng: bool = True) -> None:
+    loaded = load_checkpoint(directory, modules={"G": state.G, "D": state.D, "G_ema": state.G_ema},
+                             optimizers={"opt_g": state.opt_g, "opt_d": state.opt_d},
+                             restore_rng=restore_rng,
+                             map_location=next(unwrap(state.G).parameters()).device)
+    for key, value in loaded["counters"].items():
+        setattr(state, key, int(value))
+
+
+class _Window:
+    """Sums of step statistics between two reports, kept as tensors until the report."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.skipped = 0
+
+    def add(self, key: str, value: Tensor | None) -> None:
+        if value is not None:
+            self.sums[key] = self.sums.get(key, 0) + value.detach().float()
+            self.counts[key] = self.counts.get(key, 0) + 1
+
+    def add_step(self, who: str, stats: StepStats) -> None:
+        if not stats.finite:
+            self.skipped += 1
+            return
+        self.add(f"loss/{who}", stats.loss)
+        self.add(f"grad_norm/{who}", stats.grad_norm)
+        if who == "d":
+            self.add("d/real", stats.real_score)
+            self.add("d/fake", stats.fake_score)
+
+    def flush(self) -> dict[str, float]:
+        out = {k: float(v) / self.counts[k] for k, v in self.sums.items()}
+        out["train/skipped_steps"] = float(self.skipped)
+        self.__init__()
+        return out
+
+
+def _next_multiple(images: int, every_kimg: float) -> int:
+    every = max(1, round(every_kimg * 1000))
+    return (images // every + 1) * every
+
+
+def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume: str | Path | None = None,
+        wrap: Callable[[nn.Module], nn.Module] | None = None, device: torch.device | str = "cpu",
+        rank: int = 0, world_size: int = 1) -> TrainState:
+    """Trains until `train.kimg` thousand real images (all workers together) have been shown to D."""
+    device = torch.device(device)
+    state = build_state(cfg, spec, device=device, wrap=wrap)
+    if resume is not None:
+        restore_state(state, resume, restore_rng=rank == 0)
+    if resume is None or rank != 0:
+        # Rank-specific latent streams; rank 0's is restored exactly on resume.
+        torch.manual_seed(cfg.train.seed * 100_003 + rank * 7919 + state.images + 1)
+    G, D = state.G, state.D
+    z_dim = unwrap(G).z_dim
+    fixed = torch.Generator().manual_seed(cfg.train.seed + 12345)
+    z_fixed = torch.randn(cfg.train.sample_grid, z_dim, generator=fixed)
+    y_fixed = (torch.arange(cfg.train.sample_grid) % spec.num_classes
+               if cfg.model.conditional and spec.num_classes else None)
+
+    target = math.ceil(cfg.train.kimg * 1000)
+    next_log = _next_multiple(state.images, cfg.train.log_every_kimg)
+    next_ckpt = _next_multiple(state.images, cfg.train.checkpoint_every_kimg)
+    window, streak = _Window(), 0
+    t_last, images_last = time.perf_counter(), state.images
+
+    def emit(with_checkpoint: bool) -> None:
+        nonlocal t_last, images_last
+        metrics = window.flush()
+        now = time.perf_counter()
+        metrics["perf/img_per_s"] = (state.images - images_last) / max(now - t_last, 1e-9)
+        metrics["progress/kimg"] = state.kimg
+        metrics["progress/epoch"] = float(state.epoch)
+        state.last_metrics = metrics
+        if not (with_checkpoint and rank == 0):
+            report(metrics, None)
+        else:
+            tmp = tempfile.mkdtemp(prefix="gan-ckpt-")
+            try:
+                save_state(state, tmp, cfg, spec)
+                save_samples(state.G_ema if cfg.optim.ema else unwrap(G), z_fixed, y_fixed,
+                             Path(tmp) / "samples.png", scale=spec.scale, centres=spec.centres,
+                             title=f"{cfg.name} @ {state.kimg:.1f} kimg")
+                report(metrics, tmp)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        t_last, images_last = time.perf_counter(), state.images
+
+    while state.images < target:
+        got_batch = False
+        for index, (real, y) in enumerate(batches(state.epoch)):
+            if index < state.batch_in_epoch:
+                continue  # resuming mid-epoch: these batches were used before the checkpoint
+            got_batch = True
+            real = real.to(device, non_blocking=True)
+            y = None if y is None else y.to(device, non_blocking=True)
+            z = torch.randn(real.shape[0], z_dim, device=device)
+            stats = [("d", d_step(G, D, state.opt_d, real, y, z, cfg.loss))]
+            state.d_steps += 1
+            state.batch_in_epoch += 1
+            state.images += real.shape[0] * world_size
+            if state.d_steps % cfg.loss.n_critic == 0:
+                z = torch.randn(real.shape[0], z_dim, device=device)
+                g = g_step(G, D, state.opt_g, z, y, cfg.loss)
+                stats.append(("g", g))
+                if g.finite:
+                    state.g_steps += 1
+                    if cfg.optim.ema:
+                        ema_update(state.G_ema, unwrap(G), cfg.optim.ema_decay)
+            for who, s in stats:
+                window.add_step(who, s)
+            streak = 0 if all(s.finite for _, s in stats) else streak + 1
+            if streak >= cfg.train.nonfinite_patience:
+                raise NonFiniteLossError(
+                    f"non-finite loss or gradient in {streak} steps in a row at {state.kimg:.3f} kimg "
+                    f"(train.nonfinite_patience={cfg.train.nonfinite_patience}); try lower optim.lr_g / "
+                    f"optim.lr_d or another loss.kind")
+            done = state.images >= target
+            due_ckpt = state.images >= next_ckpt or done
+            if state.images >= next_log or due_ckpt:
+                emit(with_checkpoint=due_ckpt)
+                next_log = _next_multiple(state.images, cfg.train.log_every_kimg)
+                next_ckpt = _next_multiple(state.images, cfg.train.checkpoint_every_kimg)
+            if done:
+                break
+        else:
+            if not got_batch and state.batch_in_epoch == 0:
+                raise ValueError(f"the batch source yielded no batch for epoch {state.epoch}")
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    return state

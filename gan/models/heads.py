@@ -1,0 +1,88 @@
+"""Pieces both families share: G's label input, D's realness / projection / K+1 head, spectral norm."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.parametrizations import spectral_norm
+
+LABEL_EMBED_MAX = 50
+
+
+def realness_logit(out: Tensor) -> Tensor:
+    """D's output -> (B,) realness logits, the input of every adversarial loss.
+
+    (B,) passes through. Semi-supervised (B, K+1) logits (K classes, fake at index K) give
+    logsumexp(out[:, :K]) - out[:, K] (Salimans et al. 2016): its sigmoid is 1 - p(fake | x).
+    """
+    if out.dim() == 1:
+        return out
+    if out.dim() == 2 and out.shape[1] >= 3:
+        return torch.logsumexp(out[:, :-1], dim=1) - out[:, -1]
+    raise ValueError(f"D output must have shape (B,) or (B, K+1) with K >= 2, got {tuple(out.shape)}")
+
+
+class GeneratorInput(nn.Module):
+    """z, or for a conditional G, z concatenated with a learned embedding of y.
+
+    The embedding has min(z_dim, 50) dims: a one-hot would grow G's first layer with K, and staying
+    below z_dim keeps the latent the larger share of the input. It keeps nn.Embedding's N(0, 1) init,
+    the same scale as z.
+    """
+
+    def __init__(self, z_dim: int, num_classes: int = 0):
+        super().__init__()
+        self.embed = nn.Embedding(num_classes, min(z_dim, LABEL_EMBED_MAX)) if num_classes else None
+        self.out_features = z_dim + (self.embed.embedding_dim if self.embed is not None else 0)
+
+    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        if self.embed is None:
+            return z
+        if y is None:
+            raise ValueError("a conditional G needs class labels y of shape (B,)")
+        return torch.cat([z, self.embed(y)], dim=1)
+
+
+class DiscriminatorHead(nn.Module):
+    """(B, F) features [+ y] -> D's logits.
+
+    plain: (B,) from Linear(F, 1). conditional: (B,) projection psi(h) + <embed(y), h> (Miyato & Koyama
+    2018). semi-supervised: (B, K+1) class logits with fake at index K; `realness_logit` reduces them.
+    """
+
+    def __init__(self, features: int, num_classes: int = 0, *, conditional: bool = False,
+                 semi_supervised: bool = False):
+        super().__init__()
+        if conditional and semi_supervised:
+            raise ValueError("model.semi_supervised cannot be combined with model.conditional")
+        if (conditional or semi_supervised) and num_classes < 2:
+            key = "model.conditional" if conditional else "model.semi_supervised"
+            raise ValueError(f"{key} needs >= 2 classes, got num_classes={num_classes}")
+        self.semi_supervised = semi_supervised
+        self.linear = nn.Linear(features, num_classes + 1 if semi_supervised else 1)
+        self.embed = nn.Embedding(num_classes, features) if conditional else None
+        if self.embed is not None:
+            # N(0, 1) rows on a wide F would make <embed(y), h> dwarf psi(h) at init.
+            nn.init.xavier_uniform_(self.embed.weight)
+
+    def forward(self, h: Tensor, y: Tensor | None = None) -> Tensor:
+        out = self.linear(h)
+        if self.semi_supervised:
+            return out  # (B, K+1)
+        out = out.squeeze(1)  # (B,)
+        if self.embed is not None:
+            if y is None:
+                raise ValueError("a conditional D needs class labels y of shape (B,)")
+            out = out + (self.embed(y) * h).sum(dim=1)
+        return out
+
+
+def apply_spectral_norm(module: nn.Module) -> nn.Module:
+    """Spectrally normalises every Linear, Conv2d and Embedding weight in `module`, in place.
+
+    Call it after weight init: a parametrised weight is recomputed from `.original` on each access.
+    """
+    for m in list(module.modules()):
+        if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            spectral_norm(m)
+    return module

@@ -1,0 +1,62 @@
+"""The reference MLP GAN: fully connected G and D for 2-D points and small images."""
+
+from __future__ import annotations
+
+import math
+
+from torch import Tensor, nn
+
+from gan.config import ModelConfig
+from gan.models.heads import DiscriminatorHead, GeneratorInput, apply_spectral_norm
+from gan.models.registry import register_model
+
+
+class MLPGenerator(nn.Module):
+    """z [+ embed(y)] -> hidden[0] -> ... -> hidden[-1] -> prod(data_shape), LeakyReLU(0.2) between, tanh."""
+
+    def __init__(self, z_dim: int, hidden: tuple[int, ...], data_shape: tuple[int, ...],
+                 num_classes: int = 0):
+        super().__init__()
+        self.z_dim = z_dim
+        self.num_classes = num_classes
+        self.data_shape = tuple(data_shape)
+        self.input = GeneratorInput(z_dim, num_classes)
+        widths = [self.input.out_features, *hidden]
+        layers: list[nn.Module] = []
+        for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(w_in, w_out), nn.LeakyReLU(0.2)]
+        layers += [nn.Linear(widths[-1], math.prod(self.data_shape)), nn.Tanh()]
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.net(self.input(z, y)).view(-1, *self.data_shape)
+
+
+class MLPDiscriminator(nn.Module):
+    """prod(data_shape) -> hidden[-1] -> ... -> hidden[0] -> head, LeakyReLU(0.2) between, logits out."""
+
+    def __init__(self, hidden: tuple[int, ...], data_shape: tuple[int, ...], num_classes: int = 0, *,
+                 conditional: bool = False, semi_supervised: bool = False):
+        super().__init__()
+        widths = [math.prod(data_shape), *reversed(hidden)]
+        layers: list[nn.Module] = [nn.Flatten()]
+        for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(w_in, w_out), nn.LeakyReLU(0.2)]
+        self.body = nn.Sequential(*layers)
+        self.head = DiscriminatorHead(hidden[0], num_classes, conditional=conditional,
+                                      semi_supervised=semi_supervised)
+
+    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
+        return self.head(self.body(x), y)
+
+
+@register_model("mlp")
+def build(model: ModelConfig, *, loss_kind: str, data_shape: tuple[int, ...],
+          num_classes: int) -> tuple[nn.Module, nn.Module]:
+    """MLP (G, D); D has no normalisation layers, so every loss (wgan-gp included) takes it as is."""
+    G = MLPGenerator(model.z_dim, model.hidden, data_shape, num_classes if model.conditional else 0)
+    D = MLPDiscriminator(model.hidden, data_shape, num_classes, conditional=model.conditional,
+                         semi_supervised=model.semi_supervised)
+    if model.spectral_norm:
+        apply_spectral_norm(D)
+    return G, D
