@@ -18,6 +18,8 @@ from torch import Tensor, nn
 
 from gan.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from gan.config import Config, to_dict
+from gan.data.reader import Manifest
+from gan.data.sources import mode_centres
 from gan.models import build_models
 from gan.samples import save_samples
 from gan.step import StepStats, d_step, ema_update, g_step
@@ -41,6 +43,11 @@ class DataSpec:
     num_classes: int = 0
     scale: float = 1.0
     centres: np.ndarray | None = None
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest) -> DataSpec:
+        centres = mode_centres(manifest.source) if manifest.kind == "points" else None
+        return cls(tuple(manifest.shape), manifest.num_classes, manifest.scale, centres)
 
 
 @dataclass
