@@ -3,6 +3,7 @@ through injected callables, so the same loop runs in-process, under Ray Train or
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import shutil
@@ -149,9 +150,19 @@ def _next_multiple(images: int, every_kimg: float) -> int:
 
 def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume: str | Path | None = None,
         wrap: Callable[[nn.Module], nn.Module] | None = None, device: torch.device | str = "cpu",
-        rank: int = 0, world_size: int = 1) -> TrainState:
-    """Trains until `train.kimg` thousand real images (all workers together) have been shown to D."""
+        rank: int = 0, world_size: int = 1, autocast_dtype: torch.dtype | None = None) -> TrainState:
+    """Trains until `train.kimg` thousand real images (all workers together) have been shown to D.
+
+    `autocast_dtype` (e.g. torch.bfloat16 on CUDA) runs the steps under mixed precision; bf16 keeps fp32's
+    exponent range, so no gradient scaler is needed.
+    """
     device = torch.device(device)
+
+    def precision() -> contextlib.AbstractContextManager:
+        if autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=autocast_dtype)
+
     state = build_state(cfg, spec, device=device, wrap=wrap)
     if resume is not None:
         restore_state(state, resume, restore_rng=rank == 0)
@@ -202,13 +213,15 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
             real = real.to(device, non_blocking=True)
             y = None if y is None else y.to(device, non_blocking=True)
             z = torch.randn(real.shape[0], z_dim, device=device)
-            stats = [("d", d_step(G, D, state.opt_d, real, y, z, cfg.loss))]
+            with precision():
+                stats = [("d", d_step(G, D, state.opt_d, real, y, z, cfg.loss))]
             state.d_steps += 1
             state.batch_in_epoch += 1
             state.images += real.shape[0] * world_size
             if state.d_steps % cfg.loss.n_critic == 0:
                 z = torch.randn(real.shape[0], z_dim, device=device)
-                g = g_step(G, D, state.opt_g, z, y, cfg.loss)
+                with precision():
+                    g = g_step(G, D, state.opt_g, z, y, cfg.loss)
                 stats.append(("g", g))
                 if g.finite:
                     state.g_steps += 1

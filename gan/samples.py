@@ -1,4 +1,4 @@
-"""Rendering generator samples: image grids (torchvision) and 2-D scatter plots over the true modes."""
+"""Rendering: generator samples as image grids or 2-D scatters over the true modes, and loss curves."""
 
 from __future__ import annotations
 
@@ -62,3 +62,25 @@ def save_samples(G: nn.Module, z: torch.Tensor, y: torch.Tensor | None, path: st
     if out.dim() == 2:
         return save_scatter(to_points(out, scale).numpy(), path, centres, title)
     return save_image_grid(out, path)
+
+
+def save_loss_curves(history: list[dict[str, float]], path: str | Path) -> Path:
+    """Writes a PNG of loss/d, loss/g and D's mean outputs against kimg."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kimg = [m["progress/kimg"] for m in history]
+    fig, (ax_loss, ax_d) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
+    for key in ("loss/d", "loss/g"):
+        ax_loss.plot(kimg, [m.get(key, float("nan")) for m in history], label=key)
+    for key in ("d/real", "d/fake"):
+        ax_d.plot(kimg, [m.get(key, float("nan")) for m in history], label=key)
+    for ax, title in ((ax_loss, "losses"), (ax_d, "D(x) and D(G(z))")):
+        ax.set_xlabel("kimg")
+        ax.set_title(title)
+        ax.legend()
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)
+    return Path(path)

@@ -1,0 +1,1 @@
+"""Orchestration: the CLI, the pipeline's stages, Ray Train / Tune adapters and MLflow tracking."""

@@ -1,0 +1,185 @@
+"""Ray Train adapter (the only module importing ray.train): gan.loop.fit data-parallel in TorchTrainer workers,
+Parquet read through Ray Data, checkpoints reported to Ray, metrics and sample grids to MLflow from rank 0."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer, get_device, prepare_model
+
+from gan.config import Config, ConfigError, from_dict, to_dict
+from gan.data import decode, load_manifest, shard_paths, to_model_range
+from gan.loop import DataSpec, fit
+from gan.samples import save_loss_curves
+from pipelines.tracking import Tracker
+
+SAMPLE_DIR = "samples"
+
+
+@dataclass(frozen=True)
+class Tracking:
+    """Where rank 0 logs: an MLflow store and a run created by the driver."""
+
+    tracking_uri: str
+    run_id: str
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    checkpoint_dir: str
+    """The run's latest checkpoint folder (state.pt, meta.json, samples.png)."""
+    metrics: dict[str, float]
+    storage_dir: str
+
+
+class _WorkerReport:
+    """Injected as fit's `report`: MLflow from rank 0, then ray.train.report with rank 0's checkpoint."""
+
+    def __init__(self, rank: int, tracking: Tracking | None, faults: dict[str, Any]):
+        self.rank = rank
+        self.tracker = Tracker(tracking.tracking_uri) if tracking and rank == 0 else None
+        self.run_id = tracking.run_id if tracking else None
+        self.faults = faults
+        self.history: list[dict[str, float]] = []
+
+    def __call__(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        _maybe_fail(self.faults, self.rank, metrics["progress/kimg"])
+        images = round(metrics["progress/kimg"] * 1000)
+        if self.rank == 0:
+            print(f"[train] {metrics['progress/kimg']:8.2f} kimg  {metrics['perf/img_per_s']:8.0f} img/s  "
+                  f"loss/d {metrics.get('loss/d', float('nan')):.3f}  loss/g {metrics.get('loss/g', float('nan')):.3f}"
+                  f"{'  checkpoint' if checkpoint_dir else ''}", flush=True)
+        if self.tracker is not None:
+            self.history.append(metrics)
+            self.tracker.log_metrics(self.run_id, metrics, step=images)
+            if checkpoint_dir is not None:
+                self.tracker.log_artifact(self.run_id, Path(checkpoint_dir) / "samples.png", SAMPLE_DIR,
+                                          name=f"kimg-{images / 1000:09.3f}.png")
+        checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=checkpoint,
+                         checkpoint_dir_name=f"checkpoint-{images:012d}" if checkpoint else None)
+
+    def finish(self) -> None:
+        if self.tracker is not None and self.history:
+            with tempfile.TemporaryDirectory() as tmp:
+                path = save_loss_curves(self.history, Path(tmp) / "loss_curves.png")
+                self.tracker.log_artifact(self.run_id, path)
+
+
+def _maybe_fail(faults: dict[str, Any], rank: int, kimg: float) -> None:
+    """Test hook: kills this worker once (a marker file remembers) at the first report past `fail_at_kimg`.
+
+    It waits `delay_s` first: Ray Train V2's controller collects reports on its 2 s health-check poll, so a
+    worker dying within that window of a checkpoint takes the checkpoint down with it (a real failure, minutes
+    after the checkpoint, does not)."""
+    if not faults.get("fail_at_kimg") or rank != faults.get("fail_rank", 1) or kimg < faults["fail_at_kimg"]:
+        return
+    marker = Path(faults["marker"])
+    if not marker.exists():
+        marker.write_text(f"failed at {kimg} kimg on rank {rank}\n")
+        time.sleep(float(faults.get("delay_s", 5.0)))
+        os._exit(1)
+
+
+def _batches(cfg: Config, manifest: Any, world_size: int, faults: dict[str, Any]):
+    shard = ray.train.get_dataset_shard("train")
+    local_batch = cfg.train.batch_size // world_size
+    nan_after = faults.get("nan_after_kimg")
+    seen = 0
+
+    def epoch(e: int):
+        nonlocal seen
+        for batch in shard.iter_batches(batch_size=local_batch, batch_format="pyarrow", drop_last=True,
+                                        local_shuffle_buffer_size=4 * local_batch,
+                                        local_shuffle_seed=cfg.train.seed * 1000 + e):
+            x, y = decode(batch.column("x"), batch.column("y"), manifest)
+            real = to_model_range(x, manifest.scale)
+            seen += real.shape[0] * world_size
+            if nan_after is not None and seen > nan_after * 1000:
+                real = real * float("nan")  # test hook: a diverging run
+            yield real, (torch.from_numpy(y) if y is not None else None)
+    return epoch
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker: rebuilds the config, resumes from Ray's checkpoint, trains."""
+    cfg = from_dict(loop_config["config"])
+    manifest = load_manifest(loop_config["dataset_dir"])
+    tracking = Tracking(**loop_config["tracking"]) if loop_config.get("tracking") else None
+    faults = loop_config.get("faults") or {}
+    ctx = ray.train.get_context()
+    rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    device = get_device()
+    autocast_dtype = None
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        autocast_dtype = torch.bfloat16
+    else:
+        torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        if device.type == "cuda" and cfg.model.family == "dcgan":
+            module = module.to(memory_format=torch.channels_last)
+        return prepare_model(module)
+
+    resume = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        resume = checkpoint.to_directory(tempfile.mkdtemp(prefix="gan-resume-"))
+    report = _WorkerReport(rank, tracking, faults)
+    try:
+        fit(cfg, _batches(cfg, manifest, world_size, faults), spec=DataSpec.from_manifest(manifest),
+            report=report, resume=resume, wrap=wrap, device=device, rank=rank, world_size=world_size,
+            autocast_dtype=autocast_dtype)
+        report.finish()
+    finally:
+        if resume is not None:
+            shutil.rmtree(resume, ignore_errors=True)
+
+
+def check_resources(cfg: Config, available_cpus: float) -> None:
+    """Fails before any worker starts when the workers would leave no CPU for Ray Data's read tasks
+    (on a 2-CPU Ray, two 1-CPU workers hang forever instead)."""
+    needed = cfg.scale.num_workers * cfg.scale.cpus_per_worker
+    if needed > available_cpus - 0.5:
+        raise ConfigError(
+            f"scale.num_workers={cfg.scale.num_workers} x scale.cpus_per_worker={cfg.scale.cpus_per_worker} "
+            f"reserves {needed:g} of the cluster's {available_cpus:g} CPUs and leaves less than 0.5 for reading "
+            f"data; lower scale.cpus_per_worker (fractions are fine) or add CPUs")
+
+
+def train(cfg: Config, dataset_dir: str | Path, *, storage_path: str | Path, tracking: Tracking | None = None,
+          max_failures: int = 1, faults: dict[str, Any] | None = None) -> TrainOutcome:
+    """Data-parallel training on the connected Ray cluster. A re-run with the same `cfg.name` and storage
+    resumes from that run's latest checkpoint."""
+    check_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
+    manifest = load_manifest(dataset_dir)
+    dataset = ray.data.read_parquet(shard_paths(manifest, "train")).select_columns(["x", "y"])
+    resources = {"CPU": cfg.scale.cpus_per_worker, **({"GPU": 1} if cfg.scale.use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"config": to_dict(cfg), "dataset_dir": str(Path(dataset_dir).resolve()),
+                           "tracking": tracking.__dict__ if tracking else None, "faults": faults or {}},
+        scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
+                                     resources_per_worker=resources),
+        run_config=RunConfig(name=cfg.name, storage_path=str(Path(storage_path).resolve()),
+                             failure_config=FailureConfig(max_failures=max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
+        datasets={"train": dataset},
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"run {cfg.name} finished without a checkpoint")
+    return TrainOutcome(checkpoint_dir=result.checkpoint.path, metrics=dict(result.metrics or {}),
+                        storage_dir=str(Path(storage_path).resolve() / cfg.name))
+

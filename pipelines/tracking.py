@@ -1,0 +1,118 @@
+"""MLflow access for the whole project (the only module importing mlflow): runs, metrics, artifacts, retries."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from mlflow import MlflowClient
+from mlflow.entities import Metric, Param, RunTag
+
+T = TypeVar("T")
+PARENT_TAG = "mlflow.parentRunId"
+RETRYABLE = ("database is locked", "database table is locked", "connection reset", "connection refused",
+             "temporarily unavailable", "too many requests")
+
+
+def default_tracking_uri(workdir: str | Path) -> str:
+    """MLFLOW_TRACKING_URI when set, else a SQLite file in the work folder."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
+
+
+def with_retries(fn: Callable[[], T], *, attempts: int = 8, base_delay: float = 0.05) -> T:
+    """Runs `fn`, retrying SQLite lock and transient HTTP errors with jittered exponential backoff."""
+    for attempt in range(attempts):
+        try:
+            return fn()
+        except Exception as err:  # MLflow wraps SQLAlchemy and requests errors in several types
+            if attempt == attempts - 1 or not any(s in str(err).lower() for s in RETRYABLE):
+                raise
+            time.sleep(base_delay * (2 ** attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+class Tracker:
+    """A handle on one MLflow store. Workers get (tracking_uri, run_id) and build their own."""
+
+    def __init__(self, tracking_uri: str):
+        self.tracking_uri = tracking_uri
+        self.client = MlflowClient(tracking_uri)
+
+    def experiment_id(self, name: str, artifact_root: str | Path | None = None) -> str:
+        """The experiment's id, created on first use (artifacts beside a SQLite store, not in ./mlruns)."""
+        found = with_retries(lambda: self.client.get_experiment_by_name(name))
+        if found is not None:
+            return found.experiment_id
+        location = None
+        if artifact_root is not None:
+            location = (Path(artifact_root).resolve() / name).as_uri()
+        elif self.tracking_uri.startswith("sqlite:///"):
+            location = (Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "artifacts" / name).as_uri()
+        try:
+            return with_retries(lambda: self.client.create_experiment(name, artifact_location=location))
+        except Exception:
+            # Another process created it between our lookup and create.
+            found = with_retries(lambda: self.client.get_experiment_by_name(name))
+            if found is None:
+                raise
+            return found.experiment_id
+
+    def start_run(self, experiment: str, run_name: str, *, parent_run_id: str | None = None,
+                  tags: dict[str, str] | None = None) -> str:
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags[PARENT_TAG] = parent_run_id
+        exp_id = self.experiment_id(experiment)
+        run = with_retries(lambda: self.client.create_run(exp_id, run_name=run_name, tags=all_tags))
+        return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            with_retries(lambda chunk=items[i:i + 100]: self.client.log_batch(run_id, params=chunk))
+
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        with_retries(lambda: self.client.log_batch(run_id, metrics=items))
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        items = [RunTag(k, str(v)) for k, v in tags.items()]
+        with_retries(lambda: self.client.log_batch(run_id, tags=items))
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None,
+                     name: str | None = None) -> None:
+        """Uploads a file, optionally under another file name."""
+        path = Path(path)
+        if name is None or name == path.name:
+            with_retries(lambda: self.client.log_artifact(run_id, str(path), artifact_path))
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            renamed = Path(tmp) / name
+            shutil.copyfile(path, renamed)
+            with_retries(lambda: self.client.log_artifact(run_id, str(renamed), artifact_path))
+
+    def end_run(self, run_id: str, status: str = "FINISHED", error: str | None = None) -> None:
+        if error:
+            self.set_tags(run_id, {"error": error[:5000]})
+        with_retries(lambda: self.client.set_terminated(run_id, status))
+
+    def run(self, run_id: str) -> Any:
+        return with_retries(lambda: self.client.get_run(run_id))
+
+    def metric_history(self, run_id: str, key: str) -> list[Any]:
+        return with_retries(lambda: self.client.get_metric_history(run_id, key))
+
+    def artifact_paths(self, run_id: str, path: str | None = None) -> list[str]:
+        return [a.path for a in with_retries(lambda: self.client.list_artifacts(run_id, path))]
+
+    def run_url(self, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+        info = self.run(run_id).info
+        base = self.tracking_uri if self.tracking_uri.startswith("http") else ui
+        return f"{base.rstrip('/')}/#/experiments/{info.experiment_id}/runs/{run_id}"

@@ -1,0 +1,86 @@
+"""Ray Train, for real: 2 CPU workers on gloo over real MNIST, checkpoints, recovery, MLflow tracking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gan.checkpoint import read_checkpoint
+from gan.config import load_config
+from pipelines.stages import StageError, prepare_stage, train_stage
+
+pytestmark = pytest.mark.integration
+
+
+def mnist_cfg(root: Path, tmp_path: Path, *extra: str):
+    return load_config(None, [
+        "name=mnist-it", "data.source=idx", f"data.root={root}", f"data.out_dir={tmp_path / 'data'}",
+        "model.family=dcgan", "model.g_width=16", "model.d_width=16", "model.z_dim=32",
+        "train.batch_size=64", "train.log_every_kimg=0.5", "train.checkpoint_every_kimg=1",
+        "scale.num_workers=2", "scale.cpus_per_worker=0.5", *extra])
+
+
+def kimg_steps(ctx, run_id: str) -> list[int]:
+    return [m.step for m in ctx.tracker.metric_history(run_id, "progress/kimg")]
+
+
+def test_two_workers_train_checkpoint_track_and_resume_on_rerun(ray_session, mnist_idx, tmp_path, stage_context):
+    ctx = stage_context
+    cfg = mnist_cfg(mnist_idx, tmp_path, "train.kimg=2")
+    dataset = prepare_stage(ctx, cfg)
+    out = train_stage(ctx, cfg, dataset)
+
+    ckpt = Path(out["checkpoint_dir"])
+    assert {p.name for p in ckpt.iterdir()} >= {"state.pt", "meta.json", "samples.png"}
+    state = read_checkpoint(ckpt)
+    assert state["counters"]["images"] >= 2000
+    assert state["extra"]["config"]["scale"]["num_workers"] == 2
+    assert set(state["modules"]) == {"G", "D", "G_ema"}
+
+    run = ctx.tracker.run(out["run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["optim.lr_g"] == "0.0002" and run.data.params["scale.num_workers"] == "2"
+    assert run.data.tags["mlflow.parentRunId"] == ctx.parent_run_id
+    steps = kimg_steps(ctx, out["run_id"])
+    assert steps == sorted(steps) and len(steps) == 4 and steps[-1] >= 2000
+    for key in ("loss/d", "loss/g", "d/real", "d/fake", "grad_norm/d", "grad_norm/g", "perf/img_per_s"):
+        history = ctx.tracker.metric_history(out["run_id"], key)
+        assert len(history) == 4 and all(torch.isfinite(torch.tensor(m.value)) for m in history), key
+    assert sorted(ctx.tracker.artifact_paths(out["run_id"])) == ["loss_curves.png", "samples"]
+    assert len(ctx.tracker.artifact_paths(out["run_id"], "samples")) == 2
+
+    # The driver runs again under the same run name: training continues from the 2 kimg checkpoint.
+    longer = mnist_cfg(mnist_idx, tmp_path, "train.kimg=3")
+    again = train_stage(ctx, longer, dataset)
+    resumed_steps = kimg_steps(ctx, again["run_id"])
+    assert min(resumed_steps) > steps[-1], resumed_steps
+    assert read_checkpoint(again["checkpoint_dir"])["counters"]["images"] >= 3000
+
+
+def test_worker_failure_resumes_from_the_last_checkpoint(ray_session, mnist_idx, tmp_path, stage_context):
+    ctx = stage_context
+    cfg = mnist_cfg(mnist_idx, tmp_path, "name=mnist-fail", "train.kimg=2.5")
+    dataset = prepare_stage(ctx, cfg)
+    marker = tmp_path / "failed-once"
+    out = train_stage(ctx, cfg, dataset, max_failures=1,
+                      faults={"fail_at_kimg": 1.5, "fail_rank": 1, "marker": str(marker)})
+    assert marker.exists(), "the injected failure happened"
+    steps = kimg_steps(ctx, out["run_id"])
+    assert steps.count(512) == 1, f"training restarted from zero instead of the checkpoint: {steps}"
+    assert max(steps) >= 2500
+    assert read_checkpoint(out["checkpoint_dir"])["counters"]["images"] >= 2500
+    assert ctx.tracker.run(out["run_id"]).info.status == "FINISHED"
+
+
+def test_non_finite_losses_fail_the_run_with_a_clear_error(ray_session, mnist_idx, tmp_path, stage_context):
+    ctx = stage_context
+    cfg = mnist_cfg(mnist_idx, tmp_path, "name=mnist-nan", "train.kimg=2", "train.nonfinite_patience=3")
+    dataset = prepare_stage(ctx, cfg)
+    with pytest.raises(StageError, match="nonfinite_patience=3"):
+        train_stage(ctx, cfg, dataset, max_failures=0, faults={"nan_after_kimg": 0.3})
+    runs = ctx.tracker.client.search_runs([ctx.tracker.experiment_id("tests")],
+                                          filter_string="tags.stage = 'train'")
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "NonFiniteLossError" in runs[0].data.tags["error"]
