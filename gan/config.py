@@ -137,7 +137,7 @@ class OptimConfig:
     ema: bool = True
     """Keep an exponential moving average of G's weights (G_ema)."""
     ema_decay: float = 0.999
-    """Decay of G_ema per G step."""
+    """Decay of G_ema per G step (ramped up from 0.1 over the first steps: min(decay, (1+t)/(10+t)))."""
 
     def __post_init__(self) -> None:
         _check(self.lr_g > 0, "optim.lr_g", "must be > 0", self.lr_g)

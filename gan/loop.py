@@ -186,7 +186,9 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
         nonlocal t_last, images_last
         metrics = window.flush()
         now = time.perf_counter()
+        # Wall time since the previous emit, so time blocked inside report (Ray's) counts against img/s.
         metrics["perf/img_per_s"] = (state.images - images_last) / max(now - t_last, 1e-9)
+        t_last, images_last = now, state.images
         metrics["progress/kimg"] = state.kimg
         metrics["progress/epoch"] = float(state.epoch)
         state.last_metrics = metrics
@@ -202,7 +204,6 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
                 report(metrics, tmp)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
-        t_last, images_last = time.perf_counter(), state.images
 
     while state.images < target:
         got_batch = False
@@ -213,20 +214,24 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
             real = real.to(device, non_blocking=True)
             y = None if y is None else y.to(device, non_blocking=True)
             z = torch.randn(real.shape[0], z_dim, device=device)
+            g_follows = (state.d_steps + 1) % cfg.loss.n_critic == 0
             with precision():
-                stats = [("d", d_step(G, D, state.opt_d, real, y, z, cfg.loss))]
+                # When a G step follows, one G forward serves both steps (G is unchanged by the D step).
+                fake = G(z, y) if g_follows else None
+                stats = [("d", d_step(G, D, state.opt_d, real, y, z, cfg.loss, fake=fake))]
             state.d_steps += 1
             state.batch_in_epoch += 1
             state.images += real.shape[0] * world_size
-            if state.d_steps % cfg.loss.n_critic == 0:
-                z = torch.randn(real.shape[0], z_dim, device=device)
+            if g_follows:
                 with precision():
-                    g = g_step(G, D, state.opt_g, z, y, cfg.loss)
+                    g = g_step(G, D, state.opt_g, z, y, cfg.loss, fake=fake)
                 stats.append(("g", g))
                 if g.finite:
                     state.g_steps += 1
                     if cfg.optim.ema:
-                        ema_update(state.G_ema, unwrap(G), cfg.optim.ema_decay)
+                        # Ramp the decay up so G_ema tracks G from the start instead of the random init.
+                        decay = min(cfg.optim.ema_decay, (1 + state.g_steps) / (10 + state.g_steps))
+                        ema_update(state.G_ema, unwrap(G), decay)
             for who, s in stats:
                 window.add_step(who, s)
             streak = 0 if all(s.finite for _, s in stats) else streak + 1

@@ -51,11 +51,13 @@ def _apply(opt: torch.optim.Optimizer, module: nn.Module, loss: Tensor) -> tuple
 
 
 def d_step(G: nn.Module, D: nn.Module, opt_d: torch.optim.Optimizer, real: Tensor, y: Tensor | None,
-           z: Tensor, loss_cfg: LossConfig) -> StepStats:
-    """One D update on a real batch and G(z); G's parameters get no gradient."""
+           z: Tensor, loss_cfg: LossConfig, fake: Tensor | None = None) -> StepStats:
+    """One D update on a real batch and G(z) (or a given `fake`, detached here); G gets no gradient."""
     D.requires_grad_(True)
-    with torch.no_grad():
-        fake = G(z, y)
+    if fake is None:
+        with torch.no_grad():
+            fake = G(z, y)
+    fake = fake.detach()
     out_real = D(real, y)
     out_fake = D(fake, y)
     r, f = realness_logit(out_real), realness_logit(out_fake)
@@ -81,12 +83,15 @@ def _supervised_loss(out: Tensor, y: Tensor) -> Tensor:
 
 
 def g_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, z: Tensor, y: Tensor | None,
-           loss_cfg: LossConfig) -> StepStats:
-    """One G update through a frozen D; D's parameters get no gradient and are not all-reduced."""
+           loss_cfg: LossConfig, fake: Tensor | None = None) -> StepStats:
+    """One G update through a frozen D; D's parameters get no gradient and are not all-reduced.
+
+    `fake` may be G(z, y) from the D step, still attached to G's graph (the textbook loop's saving of one G
+    forward); G's weights must not have changed since it was computed."""
     D.requires_grad_(False)
     try:
         with _no_sync(D):
-            out_fake = D(G(z, y), y)
+            out_fake = D(G(z, y) if fake is None else fake, y)
             f = realness_logit(out_fake)
             loss = g_loss(loss_cfg.kind, f)
             norm, finite = _apply(opt_g, G, loss)

@@ -130,7 +130,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
         if device.type == "cuda" and cfg.model.family == "dcgan":
             module = module.to(memory_format=torch.channels_last)
-        return prepare_model(module)
+        # Buffers are BN statistics, used only at eval time from rank 0's copy: broadcasting them on
+        # every forward (DDP's default) costs a collective per D/G call for nothing.
+        return prepare_model(module, parallel_strategy_kwargs={"broadcast_buffers": False})
 
     resume = None
     checkpoint = ray.train.get_checkpoint()
@@ -149,13 +151,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def check_resources(cfg: Config, available_cpus: float) -> None:
     """Fails before any worker starts when the workers would leave no CPU for Ray Data's read tasks
-    (on a 2-CPU Ray, two 1-CPU workers hang forever instead)."""
+    (on a 2-CPU Ray, two 0.75-CPU workers hang forever instead)."""
     needed = cfg.scale.num_workers * cfg.scale.cpus_per_worker
-    if needed > available_cpus - 0.5:
+    # Ray Data's Parquet read tasks each ask for a whole CPU; with less free they never schedule.
+    if needed > available_cpus - 1.0:
         raise ConfigError(
             f"scale.num_workers={cfg.scale.num_workers} x scale.cpus_per_worker={cfg.scale.cpus_per_worker} "
-            f"reserves {needed:g} of the cluster's {available_cpus:g} CPUs and leaves less than 0.5 for reading "
-            f"data; lower scale.cpus_per_worker (fractions are fine) or add CPUs")
+            f"reserves {needed:g} of the cluster's {available_cpus:g} CPUs and leaves less than 1 for Ray Data's "
+            f"read tasks; lower scale.cpus_per_worker (fractions are fine) or add CPUs")
 
 
 def train(cfg: Config, dataset_dir: str | Path, *, storage_path: str | Path, tracking: Tracking | None = None,

@@ -95,10 +95,10 @@ def test_empty_batch_source_is_an_error():
 
 
 def test_ring8_smoke_fit_covers_most_modes():
-    """~4,700 steps of a small MLP; G_ema must put high-quality samples (within 3 sigma) on >= 6 modes."""
+    """~4,700 steps of a small MLP with R1; G_ema must put high-quality samples (within 3 sigma) on >= 6 modes."""
     cfg = load_config(None, ["model.hidden=[128,128,128]", "train.batch_size=128", "train.kimg=600",
                              "train.log_every_kimg=200", "train.checkpoint_every_kimg=1000",
-                             "optim.lr_g=5e-4", "optim.lr_d=5e-4", "optim.ema_decay=0.99"])
+                             "optim.lr_g=5e-4", "optim.lr_d=5e-4", "optim.ema_decay=0.99", "loss.r1_gamma=0.1"])
     state = fit(cfg, ring_batches(128, n=8192), spec=SPEC, report=lambda m, c: None)
     out = generate(state.G_ema, torch.randn(2500, 100, generator=torch.Generator().manual_seed(7)))
     stats = mode_stats(out.numpy() * SPEC.scale, SPEC.centres, MODE_SIGMA["ring8"])

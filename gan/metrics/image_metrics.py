@@ -1,0 +1,261 @@
+"""FID, IS, KID (torchmetrics) and improved precision/recall in a feature net's space, and the real-vs-real floor."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+from torchmetrics.image.kid import KernelInceptionDistance
+
+from gan.data.transforms import to_model_range, to_pixels
+from gan.samples import generate
+
+log = logging.getLogger(__name__)
+
+SampleFn = Callable[[int, torch.Generator], Tensor]
+"""`sample_fn(n, generator)` -> n images (n, C, H, W) in the model range [-1, 1], drawn with `generator`."""
+
+
+class FeatureNet(Protocol):
+    """What the metrics need of a network: the Evaluator and InceptionFeatures both provide it."""
+
+    num_classes: int
+    feature_dim: int
+
+    def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
+
+
+def count_tag(n: int) -> str:
+    """Sample count as it appears in metric keys: 10000 -> 10k, 2500 -> 2.5k, 500 -> 500."""
+    if n >= 1000 and n % 100 == 0:
+        return f"{n / 1000:g}k"
+    return str(n)
+
+
+class FeatureAdapter(nn.Module):
+    """A feature net's features (or logits) as torchmetrics' `feature=` module, on float images in [-1, 1]:
+    `num_features` spares torchmetrics its probe with a (1, 3, 299, 299) dummy image."""
+
+    def __init__(self, net: nn.Module, output: str = "features"):
+        super().__init__()
+        if output not in ("features", "logits"):
+            raise ValueError(f"output must be 'features' or 'logits', got {output!r}")
+        self.net, self.output = net, output
+        self.num_features = net.feature_dim if output == "features" else net.num_classes
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FeatureAdapter:
+        """Stays in eval mode, as torchmetrics' own NoTrainInceptionV3 does: a metric's .train() must not switch
+        the net's BatchNorm to batch statistics."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        features, logits = self.net.features_and_logits(x)
+        return features if self.output == "features" else logits
+
+
+class _Identity(nn.Module):
+    """The `feature=` module for inputs that already are features: the metrics below work in feature space."""
+
+    def __init__(self, num_features: int):
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x
+
+
+@contextmanager
+def _quiet() -> Iterator[None]:
+    """Silences torchmetrics' warning that IS/KID keep every feature: here they are small tensors we hold anyway."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        warnings.filterwarnings("ignore", message=r"std\(\): degrees of freedom")  # IS's std of one split
+        yield
+
+
+def _check_feats(real: Tensor, fake: Tensor) -> None:
+    if real.dim() != 2 or fake.dim() != 2 or real.shape[1] != fake.shape[1]:
+        raise ValueError(f"features must be (N, D) with the same D, got {tuple(real.shape)} and {tuple(fake.shape)}")
+
+
+def fid_from_features(real: Tensor, fake: Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (N, D), computed by torchmetrics in float64."""
+    _check_feats(real, fake)
+    metric = FrechetInceptionDistance(feature=_Identity(real.shape[1]), normalize=False)
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    return float(metric.compute())
+
+
+def kid_from_features(real: Tensor, fake: Tensor, *, subsets: int = 100, subset_size: int = 1000,
+                      seed: int = 0) -> tuple[float, float]:
+    """Kernel inception distance (mean, std over `subsets` random subsets; cubic polynomial kernel). Subsets are
+    capped at the smaller set's size and drawn from `seed`, leaving the global RNG as it was."""
+    _check_feats(real, fake)
+    size = min(subset_size, len(real), len(fake))
+    with _quiet():
+        metric = KernelInceptionDistance(feature=_Identity(real.shape[1]), subsets=subsets, subset_size=size)
+    metric.update(real.double(), real=True)
+    metric.update(fake.double(), real=False)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return float(mean), float(std)
+
+
+def is_from_logits(logits: Tensor) -> float:
+    """Inception score exp(E_x KL(p(y|x) || p(y))) of softmax(logits), over all samples at once (one split).
+    normalize=False: with True, torchmetrics would turn these float inputs into bytes."""
+    with _quiet():
+        metric = InceptionScore(feature=_Identity(logits.shape[1]), splits=1, normalize=False)
+        metric.update(logits.double())
+        with torch.random.fork_rng(devices=[]):  # compute() shuffles with the global RNG; one split makes it moot
+            score, _ = metric.compute()
+    return float(score)
+
+
+def _radii(feats: Tensor, k: int, chunk: int) -> Tensor:
+    """Squared distance from each point to its k-th nearest neighbour in the same set (itself excluded)."""
+    sq = feats.square().sum(1)
+    out = torch.empty(len(feats), dtype=feats.dtype)
+    for i in range(0, len(feats), chunk):
+        d = (sq[i:i + chunk, None] + sq[None, :] - 2 * feats[i:i + chunk] @ feats.T).clamp_min_(0)
+        # The k+1 smallest include the point itself at distance ~0.
+        out[i:i + chunk] = d.topk(k + 1, dim=1, largest=False).values[:, k]
+    return out
+
+
+@torch.no_grad()
+def precision_recall(real: Tensor, fake: Tensor, k: int = 3, *, chunk: int = 1000) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019): the share of fakes inside the real manifold (the
+    union of balls reaching each real point's k-th nearest real neighbour), and of reals inside the fake one.
+    Distances are computed `chunk` rows at a time, so 10k x 10k features fit in a few hundred MB."""
+    _check_feats(real, fake)
+    if min(len(real), len(fake)) <= k:
+        raise ValueError(f"precision/recall with k={k} needs more than {k} samples per set, "
+                         f"got {len(real)} real and {len(fake)} fake")
+    real, fake = real.double(), fake.double()
+    r_real, r_fake = _radii(real, k, chunk), _radii(fake, k, chunk)
+    sq_real, sq_fake = real.square().sum(1), fake.square().sum(1)
+    fake_in = torch.zeros(len(fake), dtype=torch.bool)
+    real_in = torch.zeros(len(real), dtype=torch.bool)
+    for i in range(0, len(fake), chunk):
+        d = (sq_fake[i:i + chunk, None] + sq_real[None, :] - 2 * fake[i:i + chunk] @ real.T).clamp_min_(0)
+        fake_in[i:i + chunk] = (d <= r_real[None, :]).any(1)
+        real_in |= (d <= r_fake[i:i + chunk, None]).any(0)
+    return float(fake_in.double().mean()), float(real_in.double().mean())
+
+
+@torch.no_grad()
+def extract(net: nn.Module, batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
+    """Runs `net` (eval mode, no grad) over image batches in [-1, 1]; returns CPU float32 (features, logits)."""
+    was_training = net.training
+    net.eval()
+    try:
+        device = next(net.parameters()).device
+        feats, logits = [], []
+        for x in batches:
+            f, lg = net.features_and_logits(x.to(device, torch.float32))
+            feats.append(f.float().cpu())
+            logits.append(lg.float().cpu())
+        return torch.cat(feats), torch.cat(logits)
+    finally:
+        net.train(was_training)
+
+
+def _subset(images: np.ndarray | Tensor, n: int, seed: int) -> Tensor:
+    """`n` of the images, drawn without replacement by `seed` (all of them, with a warning, if there are fewer)."""
+    images = torch.as_tensor(np.asarray(images)) if not isinstance(images, Tensor) else images
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"real images must be uint8 (N, C, H, W), got {images.dtype} {list(images.shape)}")
+    if len(images) < n:
+        log.warning("only %d real images for %d samples: using all of them", len(images), n)
+        return images
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:n]
+    return images[idx.sort().values]
+
+
+def _uint8_batches(images: Tensor, batch_size: int) -> Iterator[Tensor]:
+    for i in range(0, len(images), batch_size):
+        yield to_model_range(images[i:i + batch_size])
+
+
+def _fake_batches(sample_fn: SampleFn, n: int, batch_size: int, seed: int, shape: tuple[int, ...],
+                  quantize: bool) -> Iterator[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(0, n, batch_size):
+        m = min(batch_size, n - i)
+        x = sample_fn(m, gen).detach()
+        if tuple(x.shape) != (m, *shape) or not x.is_floating_point():
+            raise ValueError(f"sample_fn({m}, generator) must return float images {(m, *shape)}, "
+                             f"got {x.dtype} {tuple(x.shape)}")
+        if not torch.isfinite(x).all():
+            raise ValueError("sample_fn returned non-finite values (a diverged generator?)")
+        # Fakes are scored on the uint8 pixels they would be saved as, like the stored real images.
+        yield to_model_range(to_pixels(x)) if quantize else x
+
+
+def real_features(real_uint8: np.ndarray | Tensor, net: nn.Module, *, num_samples: int, batch_size: int = 500,
+                  seed: int = 0) -> tuple[Tensor, Tensor]:
+    """(features, logits) of `num_samples` real uint8 images drawn by `seed`."""
+    return extract(net, _uint8_batches(_subset(real_uint8, num_samples, seed), batch_size))
+
+
+def feature_metrics(real: Tensor, fake: Tensor, fake_logits: Tensor, tag: str, *, k: int = 3, seed: int = 0,
+                    suffix: str = "") -> dict[str, float]:
+    """FID, IS, KID (mean and std), precision and recall from features, keyed `eval/<name><suffix>_<tag>`."""
+    kid, kid_std = kid_from_features(real, fake, seed=seed)
+    precision, recall = precision_recall(real, fake, k)
+    values = {"fid": fid_from_features(real, fake), "is": is_from_logits(fake_logits), "kid": kid,
+              "kid_std": kid_std, "precision": precision, "recall": recall}
+    return {f"eval/{name}{suffix}_{tag}": v for name, v in values.items()}
+
+
+def evaluate_images(sample_fn: SampleFn, real_uint8: np.ndarray | Tensor, evaluator: nn.Module, *,
+                    num_samples: int, batch_size: int = 500, seed: int = 0, k: int = 3,
+                    quantize: bool = True) -> dict[str, float]:
+    """Scores `num_samples` images from `sample_fn` against as many real uint8 images (N, C, H, W) in the feature
+    space of `evaluator` (an Evaluator or InceptionFeatures): eval/fid_10k, is, kid, kid_std, precision, recall.
+    The same inputs and seed give the same numbers."""
+    if num_samples < 2:
+        raise ValueError(f"num_samples must be >= 2, got {num_samples}")
+    real_x = _subset(real_uint8, num_samples, seed)
+    real, _ = extract(evaluator, _uint8_batches(real_x, batch_size))
+    fake, fake_logits = extract(evaluator, _fake_batches(sample_fn, num_samples, batch_size, seed + 1,
+                                                         tuple(real_x.shape[1:]), quantize))
+    return feature_metrics(real, fake, fake_logits, count_tag(num_samples), k=k, seed=seed + 2)
+
+
+def real_floor(real_a_uint8: np.ndarray | Tensor, real_b_uint8: np.ndarray | Tensor, evaluator: nn.Module, *,
+               num_samples: int, batch_size: int = 500, seed: int = 0, k: int = 3) -> dict[str, float]:
+    """The best a generator can score: `real_b` (held out) evaluated as if generated, against `real_a` (what the
+    generator saw), at the same sample count: eval/fid_floor_10k, kid_floor, kid_std_floor, precision_floor,
+    recall_floor, and is_real (the held-out images' IS)."""
+    real, _ = real_features(real_a_uint8, evaluator, num_samples=num_samples, batch_size=batch_size, seed=seed)
+    held, held_logits = real_features(real_b_uint8, evaluator, num_samples=num_samples, batch_size=batch_size,
+                                      seed=seed + 1)
+    tag = count_tag(num_samples)
+    floor = feature_metrics(real, held, held_logits, tag, k=k, seed=seed + 2, suffix="_floor")
+    floor[f"eval/is_real_{tag}"] = floor.pop(f"eval/is_floor_{tag}")  # a ceiling, not a floor
+    return floor
+
+
+def latent_sampler(G: nn.Module, z_dim: int, num_classes: int = 0) -> SampleFn:
+    """`sample_fn` of a generator: z ~ N(0, I) and, for a conditional G, uniform labels, both from the generator."""
+    def sample(n: int, gen: torch.Generator) -> Tensor:
+        z = torch.randn(n, z_dim, generator=gen)
+        y = torch.randint(0, num_classes, (n,), generator=gen) if num_classes else None
+        return generate(G, z, y, batch_size=n)
+
+    return sample
+

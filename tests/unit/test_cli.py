@@ -1,0 +1,38 @@
+"""The command line rejects bad configs with exit code 2 and a message naming the key, before Ray starts."""
+
+import sys
+
+import pytest
+
+from gan.config import ConfigError, load_config
+from pipelines.cli import main
+from pipelines.ray_train import check_resources
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["optim.lr_g=-1"], "optim.lr_g must be > 0, got -1"),
+    (["data.source=imagenet"], "data.source must be one of"),
+    (["train.batch_size=63"], "train.batch_size must be divisible by scale.num_workers=2"),
+    (["loss.kind=nope"], "loss.kind must be one of"),
+])
+def test_bad_config_exits_2_naming_the_key(overrides, message, capsys):
+    args = ["run", "--config", "configs/quickstart.yaml"]
+    for o in overrides:
+        args += ["--set", o]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+
+
+def test_bad_yaml_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {batch_size: [\n")
+    assert main(["run", "--config", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_workers_must_leave_a_cpu_for_ray_data():
+    cfg = load_config(None, ["scale.num_workers=2", "scale.cpus_per_worker=0.75"])
+    with pytest.raises(ConfigError, match="leaves less than 1 for Ray Data"):
+        check_resources(cfg, available_cpus=2)
+    check_resources(load_config(None, ["scale.num_workers=2", "scale.cpus_per_worker=0.5"]), available_cpus=2)

@@ -1,0 +1,267 @@
+"""Image metrics against closed forms and reference computations in feature space; determinism; Inception-v3."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torchmetrics.image.fid import FrechetInceptionDistance
+from torchmetrics.image.inception import InceptionScore
+from torchvision.models import inception_v3
+
+from gan.data import to_model_range
+from gan.metrics import (
+    Evaluator,
+    FeatureAdapter,
+    check_inception_weights,
+    count_tag,
+    evaluate_images,
+    extract,
+    fid_from_features,
+    is_from_logits,
+    kid_from_features,
+    latent_sampler,
+    load_inception,
+    precision_recall,
+    real_floor,
+)
+
+
+def normal(n: int, d: int, seed: int, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
+    return mean + std * torch.randn(n, d, generator=torch.Generator().manual_seed(seed))
+
+
+def test_count_tag_names_the_sample_count():
+    assert [count_tag(n) for n in (10000, 2000, 2500, 500, 50000, 1234)] == ["10k", "2k", "2.5k", "500", "50k", "1234"]
+
+
+def test_fid_of_unit_gaussians_is_the_squared_mean_shift():
+    mu = torch.full((8,), 0.5)  # |mu|^2 = 2
+    a = normal(5000, 8, 0)
+    assert fid_from_features(a, a + mu) == pytest.approx(2.0, abs=1e-6)  # equal covariances: only the shift
+    # Independent draws: the mean difference's error gives the estimate a standard deviation of
+    # 2 |mu| sqrt(2 / n) = 0.057 here.
+    assert fid_from_features(a, normal(5000, 8, 1) + mu) == pytest.approx(2.0, abs=0.25)
+
+
+def test_fid_of_scaled_gaussians_is_the_trace_term():
+    # N(0, I) vs N(0, s^2 I): tr(I + s^2 I - 2 s I) = d (1 - s)^2 = 8 for d=8, s=2.
+    assert fid_from_features(normal(5000, 8, 0), normal(5000, 8, 1, std=2.0)) == pytest.approx(8.0, rel=0.05)
+
+
+def test_fid_matches_the_scipy_sqrtm_formula():
+    mix = torch.randn(6, 6, generator=torch.Generator().manual_seed(2))
+    a, b = normal(400, 6, 0), normal(300, 6, 1, mean=0.3) @ mix
+    x, y = a.double().numpy(), b.double().numpy()
+    c1, c2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    ref = np.sum((x.mean(0) - y.mean(0)) ** 2) + np.trace(c1 + c2 - 2 * scipy.linalg.sqrtm(c1 @ c2).real)
+    assert fid_from_features(a, b) == pytest.approx(ref, rel=1e-4)
+
+
+def test_inception_score_of_uniform_predictions_is_one_and_of_confident_balanced_ones_is_k():
+    assert is_from_logits(torch.zeros(1000, 10)) == pytest.approx(1.0, abs=1e-6)
+    confident = 30.0 * torch.nn.functional.one_hot(torch.arange(1000) % 10, 10).float()
+    assert is_from_logits(confident) == pytest.approx(10.0, rel=1e-4)
+    two_classes = 30.0 * torch.nn.functional.one_hot(torch.arange(1000) % 2, 10).float()
+    assert is_from_logits(two_classes) == pytest.approx(2.0, rel=1e-4)
+
+
+def test_inception_score_leaves_the_global_rng_alone():
+    logits = normal(100, 10, 0)
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    is_from_logits(logits)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_kid_of_a_set_with_itself_is_zero_and_grows_with_a_shift():
+    a = normal(2000, 8, 0)
+    kid, std = kid_from_features(a, a, subsets=50, subset_size=500)
+    assert abs(kid) < 0.01 and std < 0.02
+    shifted, _ = kid_from_features(a, normal(2000, 8, 1) + 0.5, subsets=50, subset_size=500)
+    assert shifted > 0.2
+
+
+def test_kid_on_whole_sets_is_the_unbiased_cubic_kernel_mmd():
+    a, b = normal(200, 5, 0), normal(200, 5, 1, mean=0.2)
+    x, y = a.double().numpy(), b.double().numpy()
+    n = len(x)
+
+    def k(u, v):
+        return (u @ v.T / 5 + 1) ** 3
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    ref = ((kxx.sum() - np.trace(kxx)) + (kyy.sum() - np.trace(kyy))) / (n * (n - 1)) - 2 * kxy.mean()
+    # One subset of the full size is a permutation of each set, which the formula does not see.
+    kid, std = kid_from_features(a, b, subsets=1, subset_size=n)
+    assert kid == pytest.approx(ref, rel=1e-6) and std == 0.0
+
+
+def test_kid_is_seeded():
+    a, b = normal(600, 4, 0), normal(600, 4, 1, mean=0.1)
+    assert kid_from_features(a, b, subset_size=100, seed=3) == kid_from_features(a, b, subset_size=100, seed=3)
+    assert kid_from_features(a, b, subset_size=100, seed=3) != kid_from_features(a, b, subset_size=100, seed=4)
+
+
+def test_precision_recall_of_a_set_with_itself_is_one_and_of_far_sets_zero():
+    a = normal(1000, 16, 0)
+    assert precision_recall(a, a) == (1.0, 1.0)
+    assert precision_recall(a, a + 100.0) == (0.0, 0.0)
+
+
+def test_precision_and_recall_count_the_shares_on_the_other_manifold():
+    a, far = normal(1000, 16, 0), normal(500, 16, 1) + 100.0
+    half_copied = torch.cat([a[:500], far])
+    # Half the fakes are real points, half lie far from every real one (and vice versa for recall).
+    assert precision_recall(a, half_copied)[0] == 0.5
+    assert precision_recall(half_copied, a)[1] == 0.5
+
+
+def brute_precision_recall(real: np.ndarray, fake: np.ndarray, k: int) -> tuple[float, float]:
+    def dist(u, v):
+        return np.sqrt(((u[:, None, :] - v[None, :, :]) ** 2).sum(-1))
+    r_real = np.sort(dist(real, real), axis=1)[:, k]
+    r_fake = np.sort(dist(fake, fake), axis=1)[:, k]
+    d = dist(fake, real)
+    return float((d <= r_real[None, :]).any(1).mean()), float((d <= r_fake[:, None]).any(0).mean())
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_precision_recall_match_a_brute_force_reference_across_chunks(k):
+    real, fake = normal(230, 4, 0), normal(170, 4, 1, mean=0.4, std=1.3)
+    expected = brute_precision_recall(real.double().numpy(), fake.double().numpy(), k)
+    assert precision_recall(real, fake, k, chunk=7) == pytest.approx(expected, abs=1e-12)
+    assert precision_recall(real, fake, k) == pytest.approx(expected, abs=1e-12)
+
+
+def test_feature_functions_reject_mismatched_features():
+    with pytest.raises(ValueError, match="same D"):
+        fid_from_features(normal(10, 4, 0), normal(10, 5, 0))
+    with pytest.raises(ValueError, match="more than 3 samples"):
+        precision_recall(normal(3, 4, 0), normal(10, 4, 0))
+
+
+# --- images through a (small, untrained) evaluator ---------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny() -> tuple[Evaluator, np.ndarray]:
+    torch.manual_seed(0)
+    net = Evaluator(in_channels=1, resolution=16, num_classes=10, feature_dim=32, width=4).eval()
+    images = torch.randint(0, 256, (300, 1, 16, 16), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    return net, images.numpy()
+
+
+def noise_fn(n: int, gen: torch.Generator) -> torch.Tensor:
+    return torch.rand(n, 1, 16, 16, generator=gen) * 2 - 1
+
+
+KEYS = ["fid", "is", "kid", "kid_std", "precision", "recall"]
+
+
+def test_evaluate_images_is_deterministic_for_a_seed_and_names_the_count(tiny):
+    net, real = tiny
+    first = evaluate_images(noise_fn, real, net, num_samples=250, batch_size=64, seed=7)
+    assert list(first) == [f"eval/{k}_250" for k in KEYS]
+    assert all(np.isfinite(v) for v in first.values())
+    assert evaluate_images(noise_fn, real, net, num_samples=250, batch_size=64, seed=7) == first
+    assert evaluate_images(noise_fn, real, net, num_samples=250, batch_size=64, seed=8) != first
+
+
+def test_real_floor_keys_and_a_set_against_itself(tiny):
+    net, real = tiny
+    floor = real_floor(real, real, net, num_samples=300, batch_size=128, seed=0)
+    assert sorted(floor) == sorted([f"eval/{k}_floor_300" for k in KEYS if k != "is"] + ["eval/is_real_300"])
+    assert floor["eval/fid_floor_300"] == pytest.approx(0.0, abs=1e-6)
+    assert floor["eval/precision_floor_300"] == floor["eval/recall_floor_300"] == 1.0
+
+
+class TinyG(torch.nn.Module):
+    """A conditional G (z, y) -> 16 x 16 image that shows whether labels reach it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 256)
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        out = torch.tanh(self.fc(z)).view(-1, 1, 16, 16)
+        return out if y is None else out * (y.view(-1, 1, 1, 1) + 1) / 10
+
+
+def test_latent_sampler_draws_latents_and_labels_from_the_generator(tiny):
+    net, real = tiny
+    G = TinyG()
+    sample = latent_sampler(G, z_dim=4, num_classes=10)
+    a, b = sample(5, torch.Generator().manual_seed(0)), sample(5, torch.Generator().manual_seed(0))
+    assert a.shape == (5, 1, 16, 16) and torch.equal(a, b)
+    assert not torch.equal(a, latent_sampler(G, z_dim=4)(5, torch.Generator().manual_seed(0)))
+    first = evaluate_images(sample, real, net, num_samples=100, batch_size=30, seed=1)
+    assert first == evaluate_images(sample, real, net, num_samples=100, batch_size=30, seed=1)
+
+
+def test_sample_fn_output_is_checked(tiny):
+    net, real = tiny
+    with pytest.raises(ValueError, match=r"must return float images \(10, 1, 16, 16\)"):
+        evaluate_images(lambda n, g: torch.zeros(n, 1, 8, 8), real, net, num_samples=10)
+    with pytest.raises(ValueError, match="non-finite"):
+        evaluate_images(lambda n, g: torch.full((n, 1, 16, 16), float("nan")), real, net, num_samples=10)
+
+
+@pytest.mark.filterwarnings("ignore:Metric `InceptionScore` will save", "ignore:std")
+def test_feature_adapter_is_a_torchmetrics_feature_module_giving_the_same_numbers(tiny):
+    net, real_uint8 = tiny
+    real = to_model_range(real_uint8[:200])
+    fake = noise_fn(200, torch.Generator().manual_seed(1))
+    fid = FrechetInceptionDistance(feature=FeatureAdapter(net), normalize=False)
+    fid.train()  # must not put the evaluator's BatchNorm into batch statistics
+    fid.update(real, real=True)
+    fid.update(fake, real=False)
+    score = InceptionScore(feature=FeatureAdapter(net, "logits"), splits=1, normalize=False)
+    score.update(fake)
+    real_f, _ = extract(net, [real])
+    fake_f, fake_logits = extract(net, [fake])
+    assert float(fid.compute()) == pytest.approx(fid_from_features(real_f, fake_f), rel=1e-5)
+    assert float(score.compute()[0]) == pytest.approx(is_from_logits(fake_logits), rel=1e-5)
+
+
+# --- Inception-v3 from a local file -------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def inception_file(tmp_path_factory) -> str:
+    torch.manual_seed(0)
+    net = inception_v3(weights=None, aux_logits=True, init_weights=False)
+    path = tmp_path_factory.mktemp("inception") / "inception_v3.pt"
+    torch.save(net.state_dict(), path)
+    return str(path)
+
+
+def test_missing_inception_weights_are_an_error_naming_the_key_not_a_download(tmp_path):
+    with pytest.raises(FileNotFoundError, match="eval.inception_weights"):
+        load_inception(tmp_path / "absent.pt")
+    with pytest.raises(ValueError, match="eval.inception_weights is empty"):
+        check_inception_weights("")
+    (tmp_path / "junk.pt").write_bytes(b"not a state dict")
+    with pytest.raises(ValueError, match="eval.inception_weights"):
+        load_inception(tmp_path / "junk.pt")
+    torch.save(Evaluator(in_channels=1, resolution=16, num_classes=10).state_dict(), tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="eval.inception_weights"):
+        load_inception(tmp_path / "other.pt")
+
+
+def test_inception_features_and_logits_from_a_local_state_dict(inception_file):
+    net = load_inception(inception_file)
+    grey = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        feats, logits = net.features_and_logits(grey)
+        rgb_feats, _ = net.features_and_logits(grey.repeat(1, 3, 1, 1))
+        reference = net.net(torch.nn.functional.interpolate(grey.repeat(1, 3, 1, 1), size=(299, 299),
+                                                            mode="bilinear", align_corners=False))
+    assert feats.shape == (2, 2048) and logits.shape == (2, 1000)
+    assert torch.equal(feats, rgb_feats)
+    torch.testing.assert_close(logits, reference)
+    metrics = evaluate_images(lambda n, g: torch.rand(n, 1, 28, 28, generator=g) * 2 - 1,
+                              torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8), net,
+                              num_samples=5, batch_size=5)
+    assert list(metrics) == [f"eval/{k}_5" for k in KEYS] and all(np.isfinite(v) for v in metrics.values())
