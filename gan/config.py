@@ -188,10 +188,13 @@ class EvalConfig:
     """Seed of the evaluation latents, so the same model gives the same numbers."""
     inception_weights: str = ""
     """Local Inception-v3 weights file; empty uses the trained evaluator."""
+    evaluator_epochs: int = 10
+    """Epochs of the evaluator classifier trained on the real training split."""
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 2, "eval.num_samples", "must be >= 2", self.num_samples)
         _check(self.batch_size >= 1, "eval.batch_size", "must be >= 1", self.batch_size)
+        _check(self.evaluator_epochs >= 1, "eval.evaluator_epochs", "must be >= 1", self.evaluator_epochs)
 
 
 @dataclass(frozen=True, kw_only=True)

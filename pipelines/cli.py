@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from gan.config import Config, ConfigError, flatten, load_config
+from gan.metrics.inception import check_inception_weights
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,7 +36,7 @@ def _init_ray() -> None:
 
 
 def run(cfg: Config, workdir: Path) -> dict:
-    from pipelines.stages import Context, prepare_stage, train_stage
+    from pipelines.stages import Context, evaluate_stage, evaluator_stage, prepare_stage, train_stage
     from pipelines.tracking import Tracker, default_tracking_uri
 
     workdir.mkdir(parents=True, exist_ok=True)
@@ -47,25 +48,29 @@ def run(cfg: Config, workdir: Path) -> dict:
     try:
         _init_ray()
         dataset = prepare_stage(ctx, cfg)
+        evaluator = evaluator_stage(ctx, cfg, dataset)
         trained = train_stage(ctx, cfg, dataset)
+        evaluated = evaluate_stage(ctx, cfg, dataset, evaluator, trained)
     except BaseException as err:
         tracker.end_run(parent, "FAILED", error=f"{type(err).__name__}: {err}")
         raise
     tracker.end_run(parent, "FINISHED")
-    return {"pipeline_run_id": parent, "dataset": dataset, "train": trained}
+    return {"pipeline_run_id": parent, "dataset": dataset, "train": trained, "evaluate": evaluated}
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-    except ConfigError as err:
+        if cfg.eval.inception_weights:
+            check_inception_weights(cfg.eval.inception_weights)
+    except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
     if args.command == "run":
         out = run(cfg, Path(args.workdir))
-        metrics = {k: round(v, 4) for k, v in out["train"]["metrics"].items()}
+        metrics = {k: round(v, 4) for k, v in sorted(out["evaluate"]["metrics"].items())}
         print(f"[pipeline] done. checkpoint: {out['train']['checkpoint_dir']}")
-        print(f"[pipeline] final metrics: {json.dumps(metrics)}")
+        print(f"[pipeline] evaluation of {out['evaluate']['generator']}: {json.dumps(metrics)}")
         print(f"[pipeline] open the MLflow UI with `make ui` (http://127.0.0.1:5000), experiment {cfg.name!r}")
     return 0

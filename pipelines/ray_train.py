@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
@@ -18,7 +20,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from gan.config import Config, ConfigError, from_dict, to_dict
-from gan.data import decode, load_manifest, shard_paths, to_model_range
+from gan.data import decode, keep_labels, load_manifest, shard_paths, to_model_range
 from gan.loop import DataSpec, fit
 from gan.samples import save_loss_curves
 from pipelines.tracking import Tracker
@@ -161,13 +163,24 @@ def check_resources(cfg: Config, available_cpus: float) -> None:
             f"read tasks; lower scale.cpus_per_worker (fractions are fine) or add CPUs")
 
 
+def _train_dataset(cfg: Config, manifest: Any) -> ray.data.Dataset:
+    """The training split as a Ray Dataset; for a semi-supervised GAN only `model.labels` rows keep a label
+    (chosen once here, so every worker and every epoch sees the same labelled subset)."""
+    paths = shard_paths(manifest, "train")
+    if not cfg.model.semi_supervised:
+        return ray.data.read_parquet(paths).select_columns(["x", "y"])
+    table = pa.concat_tables([pq.read_table(p, columns=["x", "y"]) for p in paths])
+    y = keep_labels(table.column("y").to_numpy(), cfg.model.labels, cfg.train.seed)
+    return ray.data.from_arrow(table.set_column(1, "y", pa.array(y)))
+
+
 def train(cfg: Config, dataset_dir: str | Path, *, storage_path: str | Path, tracking: Tracking | None = None,
           max_failures: int = 1, faults: dict[str, Any] | None = None) -> TrainOutcome:
     """Data-parallel training on the connected Ray cluster. A re-run with the same `cfg.name` and storage
     resumes from that run's latest checkpoint."""
     check_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
     manifest = load_manifest(dataset_dir)
-    dataset = ray.data.read_parquet(shard_paths(manifest, "train")).select_columns(["x", "y"])
+    dataset = _train_dataset(cfg, manifest)
     resources = {"CPU": cfg.scale.cpus_per_worker, **({"GPU": 1} if cfg.scale.use_gpu else {})}
     trainer = TorchTrainer(
         train_loop_per_worker,

@@ -84,3 +84,20 @@ def test_non_finite_losses_fail_the_run_with_a_clear_error(ray_session, mnist_id
                                           filter_string="tags.stage = 'train'")
     assert [r.info.status for r in runs] == ["FAILED"]
     assert "NonFiniteLossError" in runs[0].data.tags["error"]
+
+
+@pytest.mark.parametrize("extra", [
+    ["model.conditional=true", "loss.kind=wgan-gp", "loss.n_critic=2", "optim.beta1=0.0", "loss.r1_gamma=1"],
+    ["model.semi_supervised=true", "model.labels=50", "loss.kind=hinge", "model.spectral_norm=true"],
+], ids=["conditional-wgan-gp-r1", "semi-supervised-hinge-sn"])
+def test_ddp_runs_every_head_and_penalty_without_unused_parameters(ray_session, tmp_path, stage_context, extra):
+    """Two DDP workers (no find_unused_parameters) through gradient penalties, projection and K+1 heads."""
+    ctx = stage_context
+    cfg = load_config(None, ["name=digits-ddp", "data.source=digits", f"data.out_dir={tmp_path / 'data'}",
+                             "model.family=dcgan", "model.g_width=8", "model.d_width=8", "train.batch_size=32",
+                             "train.kimg=0.6", "train.log_every_kimg=0.3", "train.checkpoint_every_kimg=0.6",
+                             "scale.num_workers=2", "scale.cpus_per_worker=0.5", *extra])
+    out = train_stage(ctx, cfg, prepare_stage(ctx, cfg))
+    assert read_checkpoint(out["checkpoint_dir"])["counters"]["images"] >= 600
+    assert all(torch.isfinite(torch.tensor(m.value))
+               for m in ctx.tracker.metric_history(out["run_id"], "loss/d"))

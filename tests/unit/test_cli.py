@@ -1,10 +1,9 @@
 """The command line rejects bad configs with exit code 2 and a message naming the key, before Ray starts."""
 
-import sys
-
 import pytest
 
 from gan.config import ConfigError, load_config
+from pipelines import cli
 from pipelines.cli import main
 from pipelines.ray_train import check_resources
 
@@ -15,13 +14,15 @@ from pipelines.ray_train import check_resources
     (["train.batch_size=63"], "train.batch_size must be divisible by scale.num_workers=2"),
     (["loss.kind=nope"], "loss.kind must be one of"),
 ])
-def test_bad_config_exits_2_naming_the_key(overrides, message, capsys):
+def test_bad_config_exits_2_naming_the_key(overrides, message, capsys, monkeypatch):
+    started = []
+    monkeypatch.setattr(cli, "_init_ray", lambda: started.append(True))
     args = ["run", "--config", "configs/quickstart.yaml"]
     for o in overrides:
         args += ["--set", o]
     assert main(args) == 2
     assert message in capsys.readouterr().err
-    assert "ray" not in sys.modules or not sys.modules["ray"].is_initialized()
+    assert not started, "Ray must not start for a bad config"
 
 
 def test_bad_yaml_exits_2(tmp_path, capsys):
@@ -36,3 +37,10 @@ def test_workers_must_leave_a_cpu_for_ray_data():
     with pytest.raises(ConfigError, match="leaves less than 1 for Ray Data"):
         check_resources(cfg, available_cpus=2)
     check_resources(load_config(None, ["scale.num_workers=2", "scale.cpus_per_worker=0.5"]), available_cpus=2)
+
+
+def test_missing_inception_weights_exit_2_before_any_download(tmp_path, capsys):
+    missing = tmp_path / "inception.pt"
+    assert main(["run", "--config", "configs/quickstart.yaml", "--set", f"eval.inception_weights={missing}"]) == 2
+    err = capsys.readouterr().err
+    assert "eval.inception_weights" in err and str(missing) in err
