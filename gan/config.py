@@ -52,6 +52,8 @@ class DataConfig:
     """Rows per Parquet shard."""
     out_dir: str = "data"
     """Where prepared datasets are written (a sub-folder per dataset id)."""
+    cache_mb: int = 1024
+    """Ray workers keep their shard in memory after the first epoch when it is at most this many MiB (0: never)."""
 
     def __post_init__(self) -> None:
         _check(self.source in SOURCES, "data.source", f"must be one of {', '.join(SOURCES)}", self.source)
@@ -60,6 +62,7 @@ class DataConfig:
         _check(self.num_samples >= 10, "data.num_samples", "must be >= 10", self.num_samples)
         _check(0 < self.test_fraction < 1, "data.test_fraction", "must be in (0, 1)", self.test_fraction)
         _check(self.shard_rows >= 1, "data.shard_rows", "must be >= 1", self.shard_rows)
+        _check(self.cache_mb >= 0, "data.cache_mb", "must be >= 0", self.cache_mb)
         _check(bool(self.out_dir), "data.out_dir", "must not be empty", self.out_dir)
         if self.source in ("idx", "folder"):
             _check(bool(self.root), "data.root", f"must name a folder for source {self.source}", self.root)

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import ray
@@ -93,18 +94,42 @@ def _maybe_fail(faults: dict[str, Any], rank: int, kimg: float) -> None:
         os._exit(1)
 
 
-def _batches(cfg: Config, manifest: Any, world_size: int, faults: dict[str, Any]):
+def _batches(cfg: Config, manifest: Any, rank: int, world_size: int, faults: dict[str, Any]):
+    """This worker's epochs. The first streams the Ray Data shard; when `data.cache_mb` allows, its rows are kept
+    and later epochs reshuffle them in memory instead of re-reading Parquet (every worker caches the same
+    number of full batches, so all ranks still take the same number of steps)."""
     shard = ray.train.get_dataset_shard("train")
     local_batch = cfg.train.batch_size // world_size
     nan_after = faults.get("nan_after_kimg")
     seen = 0
+    cached: tuple[np.ndarray, np.ndarray | None] | None = None
 
-    def epoch(e: int):
-        nonlocal seen
+    def stored(e: int):
+        nonlocal cached
+        if cached is not None:
+            x_all, y_all = cached
+            order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(
+                cfg.train.seed * 1000 + e * 97 + rank)).numpy()
+            for i in range(len(order) // local_batch):
+                idx = order[i * local_batch:(i + 1) * local_batch]
+                yield x_all[idx], (None if y_all is None else y_all[idx])
+            return
+        parts, size = [], 0
         for batch in shard.iter_batches(batch_size=local_batch, batch_format="pyarrow", drop_last=True,
                                         local_shuffle_buffer_size=4 * local_batch,
                                         local_shuffle_seed=cfg.train.seed * 1000 + e):
             x, y = decode(batch.column("x"), batch.column("y"), manifest)
+            size += x.nbytes
+            if size <= cfg.data.cache_mb * 2**20:
+                parts.append((x, y))
+            yield x, y
+        if parts and size <= cfg.data.cache_mb * 2**20:
+            ys = [y for _, y in parts]
+            cached = (np.concatenate([x for x, _ in parts]), None if ys[0] is None else np.concatenate(ys))
+
+    def epoch(e: int):
+        nonlocal seen
+        for x, y in stored(e):
             real = to_model_range(x, manifest.scale)
             seen += real.shape[0] * world_size
             if nan_after is not None and seen > nan_after * 1000:
@@ -142,7 +167,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         resume = checkpoint.to_directory(tempfile.mkdtemp(prefix="gan-resume-"))
     report = _WorkerReport(rank, tracking, faults)
     try:
-        fit(cfg, _batches(cfg, manifest, world_size, faults), spec=DataSpec.from_manifest(manifest),
+        fit(cfg, _batches(cfg, manifest, rank, world_size, faults), spec=DataSpec.from_manifest(manifest),
             report=report, resume=resume, wrap=wrap, device=device, rank=rank, world_size=world_size,
             autocast_dtype=autocast_dtype)
         report.finish()

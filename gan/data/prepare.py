@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def content_key(cfg: DataConfig) -> dict[str, Any]:
     """The DataConfig fields that decide a dataset's bytes; idx/folder inputs enter by fingerprint, not path."""
     key = dataclasses.asdict(cfg)
-    for name in ("out_dir", "download", "root"):
+    for name in ("out_dir", "download", "root", "cache_mb"):
         del key[name]
     if cfg.is_points:
         del key["resolution"], key["channels"]
