@@ -35,6 +35,17 @@ def generators_from_checkpoint(directory: str | Path) -> tuple[dict[str, nn.Modu
     return gens, cfg, extra
 
 
+def discriminator_from_checkpoint(directory: str | Path) -> nn.Module:
+    """D of a checkpoint folder, in eval mode on the CPU."""
+    state = read_checkpoint(directory)
+    extra = state["extra"]
+    cfg = from_dict(extra["config"])
+    _, D = build_models(cfg.model, loss_kind=cfg.loss.kind, data_shape=tuple(extra["data_shape"]),
+                        num_classes=extra["num_classes"])
+    D.load_state_dict(state["modules"]["D"])
+    return D.eval().requires_grad_(False)
+
+
 def primary_generator(cfg: Config) -> str:
     """The generator that is scored and registered: G_ema when EMA is on."""
     return "G_ema" if cfg.optim.ema else "G"

@@ -15,8 +15,16 @@ from typing import Any
 
 from gan.config import Config, config_hash, flatten
 from gan.data import load_manifest, prepare, read_split
-from gan.evaluate import generators_from_checkpoint, primary_generator, save_sample_png, score_images, score_points
+from gan.evaluate import (
+    discriminator_from_checkpoint,
+    generators_from_checkpoint,
+    primary_generator,
+    save_sample_png,
+    score_images,
+    score_points,
+)
 from gan.metrics import evaluator_meta, load_evaluator, load_inception, real_floor, save_evaluator, train_evaluator
+from gan.metrics.semi_supervised import semi_supervised_metrics
 from pipelines import ray_train
 from pipelines.tracking import Tracker
 
@@ -150,6 +158,12 @@ def evaluate_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator
                 inception = score_images(G, sized, extra["num_classes"], x_train,
                                          load_inception(cfg.eval.inception_weights), "eval/inception_")
                 metrics.update({k: v for k, v in inception.items() if "/inception_fid" in k or "_is_" in k})
+        if cfg.model.semi_supervised:
+            x_train, y_train = read_split(dataset["dataset_dir"], "train", verify=False)
+            x_test, y_test = read_split(dataset["dataset_dir"], "test", verify=False)
+            metrics.update(semi_supervised_metrics(discriminator_from_checkpoint(trained["checkpoint_dir"]),
+                                                   x_train, y_train, x_test, y_test, labels=cfg.model.labels,
+                                                   seed=cfg.train.seed))
         metrics["perf/eval_seconds"] = time.perf_counter() - start
         metrics.update(evaluator.get("floor") or {})
         ctx.tracker.log_metrics(run_id, metrics, step=0)

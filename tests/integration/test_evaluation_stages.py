@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from gan.config import load_config
-from gan.data import load_manifest, read_split, to_model_range
+from gan.data import keep_labels, load_manifest, read_split, to_model_range
 from gan.loop import DataSpec, fit, save_state
 from pipelines.stages import evaluate_stage, evaluator_stage, prepare_stage
 
@@ -18,12 +18,14 @@ def train_in_process(cfg, dataset_dir, out_dir):
     manifest = load_manifest(dataset_dir)
     x, y = read_split(manifest, "train")
     real = to_model_range(x, manifest.scale)
+    labels = torch.from_numpy(keep_labels(y, cfg.model.labels, cfg.train.seed)) if cfg.model.semi_supervised else None
 
     def batches(epoch):
         order = torch.randperm(len(real), generator=torch.Generator().manual_seed(epoch))
         b = cfg.train.batch_size
         for i in range(len(real) // b):
-            yield real[order[i * b:(i + 1) * b]], None
+            idx = order[i * b:(i + 1) * b]
+            yield real[idx], (None if labels is None else labels[idx])
 
     spec = DataSpec.from_manifest(manifest)
     state = fit(cfg, batches, spec=spec, report=lambda m, c: None)
@@ -68,3 +70,19 @@ def test_ring8_is_scored_by_mode_metrics(stage_context, tmp_path):
     expected = {"eval/modes_covered", "eval/high_quality", "eval/reverse_kl", "eval_raw/modes_covered"}
     assert expected <= set(out["metrics"])
     assert 0 <= out["metrics"]["eval/modes_covered"] <= 8
+
+
+def test_semi_supervised_d_is_scored_as_a_classifier_beside_a_plain_one(stage_context, tmp_path):
+    ctx = stage_context
+    cfg = load_config(None, ["name=digits-sgan", "data.source=digits", f"data.out_dir={tmp_path / 'data'}",
+                             "model.family=dcgan", "model.g_width=16", "model.d_width=16", "model.semi_supervised=true",
+                             "model.labels=100", "train.kimg=20", "train.batch_size=64", "eval.num_samples=300",
+                             "eval.evaluator_epochs=4", "scale.num_workers=1"])
+    dataset = prepare_stage(ctx, cfg)
+    evaluator = evaluator_stage(ctx, cfg, dataset)
+    trained = train_in_process(cfg, dataset["dataset_dir"], tmp_path / "ckpt")
+    m = evaluate_stage(ctx, cfg, dataset, evaluator, trained)["metrics"]
+    sgan, plain = m["eval/sgan_accuracy_100_labels"], m["eval/plain_accuracy_100_labels"]
+    print(f"digits, 100 labels: SGAN D {sgan:.3f}, plain classifier {plain:.3f}")
+    assert plain > 0.6, "a CNN on 100 labelled digits is far above chance"
+    assert sgan > 0.3, "the K+1 D learned classes from 100 labels (chance is 0.1)"
