@@ -141,10 +141,10 @@ def run_ray(cfg: Config, dataset_dir: Path, warmup_kimg: float, workdir: Path) -
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--kimg", type=float, default=24.0, help="images per variant, in thousands")
-    parser.add_argument("--warmup-kimg", type=float, default=4.0, help="report intervals starting earlier are ignored")
+    parser.add_argument("--kimg", type=float, default=48.0, help="images per variant, in thousands")
+    parser.add_argument("--warmup-kimg", type=float, default=12.0, help="report intervals starting earlier are ignored")
     # Ray Train V2 polls each worker's 1-slot result queue every 2 s: shorter intervals block in report.
-    parser.add_argument("--log-every-kimg", type=float, default=4.0, help="report interval; keep it >= 2 s")
+    parser.add_argument("--log-every-kimg", type=float, default=12.0, help="report interval, in kimg")
     parser.add_argument("--cpus-per-worker", type=float, default=0.5, help="Ray CPUs per Train worker")
     parser.add_argument("--data-dir", default="data", help="where the prepared dataset is cached")
     args = parser.parse_args()
