@@ -42,7 +42,6 @@ class TrainOutcome:
     checkpoint_dir: str
     """The run's latest checkpoint folder (state.pt, meta.json, samples.png)."""
     metrics: dict[str, float]
-    storage_dir: str
 
 
 class _WorkerReport:
@@ -221,6 +220,5 @@ def train(cfg: Config, dataset_dir: str | Path, *, storage_path: str | Path, tra
     result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.name} finished without a checkpoint")
-    return TrainOutcome(checkpoint_dir=result.checkpoint.path, metrics=dict(result.metrics or {}),
-                        storage_dir=str(Path(storage_path).resolve() / cfg.name))
+    return TrainOutcome(checkpoint_dir=result.checkpoint.path, metrics=dict(result.metrics or {}))
 
