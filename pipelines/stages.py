@@ -143,23 +143,23 @@ def evaluate_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator
         primary = primary_generator(cfg)
         metrics: dict[str, float] = {}
         start = time.perf_counter()
+        images = evaluator["evaluator_dir"] is not None
+        if images:
+            x_train, y_train = read_split(dataset["dataset_dir"], "train", verify=False)
+            net = load_evaluator(evaluator["evaluator_dir"])
+            sized = replace(cfg, eval=replace(cfg.eval, num_samples=min(cfg.eval.num_samples, len(x_train))))
         for name, G in gens.items():
             prefix = "eval/" if name == primary else "eval_raw/"
-            if evaluator["evaluator_dir"] is None:
+            if not images:
                 metrics.update(score_points(G, cfg, extra["scale"], prefix)[0])
                 continue
-            x_train, _ = read_split(dataset["dataset_dir"], "train", verify=False)
-            n = min(cfg.eval.num_samples, len(x_train))
-            sized = replace(cfg, eval=replace(cfg.eval, num_samples=n))
-            metrics.update(score_images(G, sized, extra["num_classes"], x_train,
-                                        load_evaluator(evaluator["evaluator_dir"]), prefix))
+            metrics.update(score_images(G, sized, extra["num_classes"], x_train, net, prefix))
             if cfg.eval.inception_weights and name == primary:
                 # Inception features on top of the evaluator's, for numbers comparable with the literature.
                 inception = score_images(G, sized, extra["num_classes"], x_train,
                                          load_inception(cfg.eval.inception_weights), "eval/inception_")
                 metrics.update({k: v for k, v in inception.items() if "/inception_fid" in k or "_is_" in k})
         if cfg.model.semi_supervised:
-            x_train, y_train = read_split(dataset["dataset_dir"], "train", verify=False)
             x_test, y_test = read_split(dataset["dataset_dir"], "test", verify=False)
             metrics.update(semi_supervised_metrics(discriminator_from_checkpoint(trained["checkpoint_dir"]),
                                                    x_train, y_train, x_test, y_test, labels=cfg.model.labels,
