@@ -199,9 +199,9 @@ def _train_dataset(cfg: Config, manifest: Any) -> ray.data.Dataset:
 
 
 def train(cfg: Config, dataset_dir: str | Path, *, storage_path: str | Path, tracking: Tracking | None = None,
-          max_failures: int = 1, faults: dict[str, Any] | None = None) -> TrainOutcome:
-    """Data-parallel training on the connected Ray cluster. A re-run with the same `cfg.name` and storage
-    resumes from that run's latest checkpoint."""
+          max_failures: int = 1, faults: dict[str, Any] | None = None, run_name: str | None = None) -> TrainOutcome:
+    """Data-parallel training on the connected Ray cluster. A re-run with the same `run_name` (default
+    `cfg.name`) and storage resumes from that run's latest checkpoint."""
     check_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
     manifest = load_manifest(dataset_dir)
     dataset = _train_dataset(cfg, manifest)
@@ -212,7 +212,7 @@ def train(cfg: Config, dataset_dir: str | Path, *, storage_path: str | Path, tra
                            "tracking": tracking.__dict__ if tracking else None, "faults": faults or {}},
         scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=cfg.name, storage_path=str(Path(storage_path).resolve()),
+        run_config=RunConfig(name=run_name or cfg.name, storage_path=str(Path(storage_path).resolve()),
                              failure_config=FailureConfig(max_failures=max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
         datasets={"train": dataset},
