@@ -8,6 +8,7 @@ import json
 import types
 import typing
 from dataclasses import dataclass, field
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,9 @@ SOURCES = POINT_SOURCES + IMAGE_SOURCES
 MODEL_FAMILIES = ("mlp", "dcgan")
 LOSSES = ("bce", "hinge", "wgan-gp", "lsgan")
 DCGAN_RESOLUTIONS = (28, 32, 64)
+EVALUATOR_FEATURES = 128
+"""Feature dimension of the trained evaluator (the space of FID, KID and precision/recall)."""
+INCEPTION_FEATURES = 2048
 
 
 class ConfigError(ValueError):
@@ -168,6 +172,12 @@ class TrainConfig:
     """Stop with an error after this many non-finite losses in a row (each such step is skipped)."""
     sample_grid: int = 64
     """Fixed latents rendered in each sample grid."""
+    fid_every_kimg: float = 0.0
+    """In-training score every this many kimg and at the end (0: off): FID of `fid_samples` samples in the evaluator's
+    space (train/fid_2k), or for 2-D data the mode gap; a whole multiple of checkpoint_every_kimg, as it scores the
+    checkpoint. With it on, the run's result is its best-scoring checkpoint, not its last."""
+    fid_samples: int = 2000
+    """Generated samples per in-training score (at least 2,000: fewer gives a biased, noisy FID)."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
@@ -179,6 +189,18 @@ class TrainConfig:
         _check(self.nonfinite_patience >= 1, "train.nonfinite_patience", "must be >= 1",
                self.nonfinite_patience)
         _check(self.sample_grid >= 1, "train.sample_grid", "must be >= 1", self.sample_grid)
+        _check(self.fid_every_kimg >= 0, "train.fid_every_kimg", "must be >= 0", self.fid_every_kimg)
+        if self.fid_every_kimg > 0:
+            _check(self.fid_samples >= 2000, "train.fid_samples", "must be >= 2000", self.fid_samples)
+            every, ckpt = round(self.fid_every_kimg * 1000), round(self.checkpoint_every_kimg * 1000)
+            _check(every % ckpt == 0, "train.fid_every_kimg",
+                   f"must be a whole multiple of train.checkpoint_every_kimg={self.checkpoint_every_kimg:g}",
+                   self.fid_every_kimg)
+
+    @property
+    def scores(self) -> bool:
+        """Whether the in-training score is on."""
+        return self.fid_every_kimg > 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +235,138 @@ class ScaleConfig:
         _check(self.num_workers >= 1, "scale.num_workers", "must be >= 1", self.num_workers)
         _check(self.cpus_per_worker > 0, "scale.cpus_per_worker", "must be > 0", self.cpus_per_worker)
 
+SCHEDULERS = ("asha", "pbt", "fifo")
+SPEC_KINDS = ("loguniform", "uniform", "randint", "choice")
+PBT_MUTABLE = ("optim.lr_g", "optim.lr_d")
+UNSEARCHABLE = ("name", "data.", "scale.", "tune.")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TuneConfig:
+    space: dict[str, Any] = field(default_factory=dict)
+    """Search space: dotted config key -> one of {loguniform: [lo, hi]}, {uniform: [lo, hi]} (float keys),
+    {randint: [lo, hi]} (int keys, both ends included) or {choice: [v1, v2, ...]} (any key). A spec with
+    `when: {model.family: dcgan}` (or a list of allowed values) applies only to trials whose config matches;
+    others keep the base value. Non-empty turns the train stage into a search."""
+    scheduler: str = "asha"
+    """asha (early-stops weak trials at rungs of grace_kimg x reduction_factor^k), pbt (population-based
+    training: exploits by checkpoint, explores optim.lr_g / optim.lr_d), or fifo (plain random search)."""
+    num_samples: int = 8
+    """Trials sampled from the space."""
+    max_concurrent_trials: int = 0
+    """Trials running at once; 0 derives it from the cluster's CPUs (and GPUs)."""
+    grace_kimg: float = 1.0
+    """ASHA: kimg every trial trains before it can be stopped."""
+    reduction_factor: float = 3.0
+    """ASHA: a rung keeps the best 1/reduction_factor of the trials that reach it."""
+    perturbation_interval_kimg: float = 2.0
+    """PBT: kimg between exploit/explore decisions (a multiple of train.fid_every_kimg is sensible)."""
+    quantile_fraction: float = 0.25
+    """PBT: share of the population that copies the top share's checkpoints."""
+    metric: str = ""
+    """Metric to minimise; empty: train/fid_<train.fid_samples> for images, train/mode_gap for 2-D data."""
+    seed: int = 0
+    """Seed of the search-space draws: the same seed gives the same trial configs."""
+    cpus_per_trial: float = 0.25
+    """CPUs the trial's Tune trainable holds besides its Ray Train workers (fractions allowed, > 0)."""
+
+    def __post_init__(self) -> None:
+        _check(self.scheduler in SCHEDULERS, "tune.scheduler", f"must be one of {', '.join(SCHEDULERS)}",
+               self.scheduler)
+        _check(self.num_samples >= 1, "tune.num_samples", "must be >= 1", self.num_samples)
+        _check(self.max_concurrent_trials >= 0, "tune.max_concurrent_trials", "must be >= 0",
+               self.max_concurrent_trials)
+        _check(self.grace_kimg > 0, "tune.grace_kimg", "must be > 0", self.grace_kimg)
+        _check(self.reduction_factor > 1, "tune.reduction_factor", "must be > 1", self.reduction_factor)
+        _check(self.perturbation_interval_kimg > 0, "tune.perturbation_interval_kimg", "must be > 0",
+               self.perturbation_interval_kimg)
+        _check(0 < self.quantile_fraction <= 0.5, "tune.quantile_fraction", "must be in (0, 0.5]",
+               self.quantile_fraction)
+        _check(self.cpus_per_trial > 0, "tune.cpus_per_trial", "must be > 0 (Tune refuses 0; fractions work)",
+               self.cpus_per_trial)
+        if not isinstance(self.space, dict):
+            raise ConfigError(f"tune.space must be a mapping of config keys to specs, got {self.space!r}")
+        object.__setattr__(self, "space", {k: _check_spec(k, v) for k, v in self.space.items()})
+        if self.enabled and self.scheduler == "pbt":
+            _check(any(k in self.space for k in PBT_MUTABLE), "tune.scheduler",
+                   f"pbt explores {' and '.join(PBT_MUTABLE)}: put at least one of them in tune.space", "pbt")
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
+    @property
+    def enabled(self) -> bool:
+        """A search instead of one training run: the space is not empty."""
+        return bool(self.space)
+
+
+@cache
+def _key_types() -> dict[str, Any]:
+    """Dotted config key -> its annotation, for every leaf of Config."""
+    out: dict[str, Any] = {}
+
+    def walk(cls: type, prefix: str) -> None:
+        for f in dataclasses.fields(cls):
+            tp = _field_type(cls, f.name)
+            key = f"{prefix}{f.name}"
+            if dataclasses.is_dataclass(tp):
+                walk(tp, key + ".")
+            else:
+                out[key] = tp
+    walk(Config, "")
+    return out
+
+
+def _check_spec(key: str, spec: Any) -> dict[str, Any]:
+    """Validates one search-space entry and returns it with numbers parsed (YAML reads 1e-4 as a string)."""
+    where = f"tune.space.{key}"
+    types_ = _key_types()
+    if key not in types_:
+        raise ConfigError(f"{where}: {key} is not a config key")
+    if any(key == p or (p.endswith(".") and key.startswith(p)) for p in UNSEARCHABLE):
+        raise ConfigError(f"{where}: {key} cannot be searched (every trial shares the data, the resources "
+                          f"and the search settings)")
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{where} must be a mapping such as {{choice: [...]}}, got {spec!r}")
+    kinds = [k for k in spec if k in SPEC_KINDS]
+    unknown = set(spec) - set(SPEC_KINDS) - {"when"}
+    if len(kinds) != 1 or unknown:
+        raise ConfigError(f"{where} must have exactly one of {', '.join(SPEC_KINDS)} (and optionally when), "
+                          f"got {sorted(spec)}")
+    kind, tp = kinds[0], types_[key]
+    values = spec[kind]
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}.{kind} must be a non-empty list, got {values!r}")
+    if kind == "choice":
+        parsed = [_coerce(v, tp, f"{where}.choice[{i}]") for i, v in enumerate(values)]
+        parsed = [list(v) if isinstance(v, tuple) else v for v in parsed]
+    else:
+        num = int if kind == "randint" else float
+        if tp is not num:
+            raise ConfigError(f"{where}.{kind} needs a {num.__name__} key, but {key} is {getattr(tp, '__name__', tp)}")
+        if len(values) != 2:
+            raise ConfigError(f"{where}.{kind} must be [low, high], got {values!r}")
+        parsed = [_coerce(v, num, f"{where}.{kind}") for v in values]
+        lo, hi = parsed
+        _check(lo < hi, f"{where}.{kind}", "must have low < high", values)
+        if kind == "loguniform":
+            _check(lo > 0, f"{where}.{kind}", "must have low > 0", values)
+    out: dict[str, Any] = {kind: parsed}
+    if "when" in spec:
+        when = spec["when"]
+        if not isinstance(when, dict) or not when:
+            raise ConfigError(f"{where}.when must map config keys to values, got {when!r}")
+        for cond_key in when:
+            if cond_key not in types_:
+                raise ConfigError(f"{where}.when: {cond_key} is not a config key")
+        out["when"] = {k: v if isinstance(v, list) else [v] for k, v in when.items()}
+    return out
+
+
+def applies(spec: dict[str, Any], values: dict[str, Any]) -> bool:
+    """Whether a space entry applies to a trial whose flat config values are `values` (its `when` holds)."""
+    return all(values[k] in allowed for k, allowed in spec.get("when", {}).items())
+
 
 @dataclass(frozen=True, kw_only=True)
 class RegisterConfig:
@@ -236,6 +390,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
 
     def __post_init__(self) -> None:
@@ -251,6 +406,29 @@ class Config:
         if self.model.conditional or self.model.semi_supervised:
             _check(not self.data.is_points, "model.conditional", "needs labelled image data",
                    self.data.source)
+        if self.tune.enabled:
+            self._check_space()
+
+    def _check_space(self) -> None:
+        """Every choice (and both ends of every range) must give a valid config with the rest of this one."""
+        base = to_dict(self)
+        base["tune"] = {}
+        flat = flatten(self)
+        for key, spec in self.tune.space.items():
+            kind = next(k for k in SPEC_KINDS if k in spec)
+            for value in spec[kind]:
+                cond = {k: allowed[0] for k, allowed in spec.get("when", {}).items() if flat[k] not in allowed}
+                try:
+                    from_dict(apply_overrides(base, {**cond, key: value}))
+                except ConfigError as err:
+                    extra = f" with {cond}" if cond else ""
+                    raise ConfigError(f"tune.space.{key}: {kind} value {value!r}{extra} gives an invalid config: "
+                                      f"{err}") from err
+        if not self.data.is_points:
+            # Fewer samples than feature dimensions leave FID's covariance singular: the number means nothing.
+            features = INCEPTION_FEATURES if self.eval.inception_weights else EVALUATOR_FEATURES
+            _check(self.eval.num_samples >= features, "eval.num_samples",
+                   f"must be >= the feature dimension {features} for a meaningful FID", self.eval.num_samples)
 
 
 def _field_type(cls: type, name: str) -> Any:
@@ -260,6 +438,16 @@ def _field_type(cls: type, name: str) -> Any:
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     """Checks `value` against the annotation `tp`; ints are accepted for floats, lists for tuples."""
     origin = typing.get_origin(tp)
+    if origin is dict:
+        if isinstance(value, str):
+            # flatten() writes a mapping as one JSON string (an MLflow param); read it back.
+            try:
+                value = yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                raise ConfigError(f"{key} must be a mapping, got {value!r}") from err
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping, got {value!r}")
+        return json.loads(json.dumps(value))
     if origin is tuple:
         item_tp = typing.get_args(tp)[0]
         if not isinstance(value, (list, tuple)):
@@ -322,7 +510,9 @@ def flatten(cfg: Config) -> dict[str, Any]:
     out: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
-        if isinstance(value, dict):
+        if prefix == "tune.space":
+            out[prefix] = json.dumps(value, sort_keys=True)  # one param: its keys are dotted themselves
+        elif isinstance(value, dict):
             for k, v in value.items():
                 walk(f"{prefix}.{k}" if prefix else k, v)
         else:

@@ -6,10 +6,9 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
-from gan.config import Config, ConfigError, flatten, load_config
+from gan.config import Config, ConfigError, load_config
 from gan.metrics.inception import check_inception_weights
 
 
@@ -21,6 +20,16 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value by its dotted name, e.g. optim.lr_g=1e-4 (repeatable)")
     run.add_argument("--workdir", default="runs", help="folder of the MLflow store and Ray checkpoints")
+    sample = sub.add_parser("sample", help="draw images from a registered generator into a PNG grid")
+    sample.add_argument("--model", required=True, help="model URI, e.g. models:/gan-mnist@champion")
+    sample.add_argument("-n", "--num", type=int, default=64, help="how many images (default 64)")
+    sample.add_argument("--out", required=True, help="PNG file to write")
+    sample.add_argument("--npy", action="store_true", help="also write the images as OUT.npy (uint8, N x C x H x W)")
+    sample.add_argument("--seed", type=int, default=0, help="seed of the latents")
+    sample.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or runs/)")
+    from pipelines import submit as submit_cmd
+
+    submit_cmd.add_arguments(sub.add_parser("submit", help="run a pipeline command on a Ray cluster (Ray Jobs)"))
     return parser
 
 
@@ -31,35 +40,42 @@ def _init_ray() -> None:
     if address:
         ray.init(address=address)
     else:
-        # "local" never joins a stale cluster left behind by a killed head.
-        ray.init(address="local", dashboard_host="127.0.0.1", include_dashboard=False)
+        # "local" never joins a stale cluster left behind by a killed head. The dashboard (on 127.0.0.1 only)
+        # also serves the State API that Ray Train's placement-group cleaner polls.
+        ray.init(address="local", dashboard_host="127.0.0.1", include_dashboard=True)
 
 
 def run(cfg: Config, workdir: Path) -> dict:
-    from pipelines.stages import Context, evaluate_stage, evaluator_stage, prepare_stage, train_stage
-    from pipelines.tracking import Tracker, default_tracking_uri
+    """The whole pipeline on Ray (RAY_ADDRESS, else a local Ray), tracked in MLflow under `workdir`."""
+    from pipelines.workflow import run_pipeline
 
-    workdir.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(default_tracking_uri(workdir))
-    parent = tracker.start_run(cfg.name, f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", tags={"stage": "pipeline"})
-    tracker.log_params(parent, flatten(cfg))
-    print(f"[pipeline] {cfg.name}: MLflow store {tracker.tracking_uri}, run {tracker.run_url(parent)}")
-    ctx = Context(workdir=workdir, tracker=tracker, experiment=cfg.name, parent_run_id=parent)
-    try:
-        _init_ray()
-        dataset = prepare_stage(ctx, cfg)
-        evaluator = evaluator_stage(ctx, cfg, dataset)
-        trained = train_stage(ctx, cfg, dataset)
-        evaluated = evaluate_stage(ctx, cfg, dataset, evaluator, trained)
-    except BaseException as err:
-        tracker.end_run(parent, "FAILED", error=f"{type(err).__name__}: {err}")
-        raise
-    tracker.end_run(parent, "FINISHED")
-    return {"pipeline_run_id": parent, "dataset": dataset, "train": trained, "evaluate": evaluated}
+    _init_ray()
+    return run_pipeline(cfg, workdir)
+
+
+def _summary(cfg: Config, out: dict) -> None:
+    registered, evaluated = out["registered"], out["evaluated"]
+    metrics = {k: round(v, 4) for k, v in sorted(evaluated["metrics"].items())}
+    print(f"[pipeline] registered {registered['model_uri']}"
+          f"{' (the new champion)' if registered['is_champion'] else ' (challenger)'}; "
+          f"champion: {registered['champion_uri']} = version {registered['champion_version']}")
+    print(f"[pipeline] evaluation of {evaluated['generator']}: {json.dumps(metrics)}")
+    print(f"[pipeline] sample it: python -m pipelines sample --model {registered['champion_uri']} -n 64 "
+          f"--out grid.png")
+    print(f"[pipeline] compare runs and pick the champion in the MLflow UI: `make ui` -> http://127.0.0.1:5000 "
+          f"(experiment {cfg.name!r}, model {registered['model_name']!r})")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "submit":
+        from pipelines import submit as submit_cmd
+
+        return submit_cmd.main(args)
+    if args.command == "sample":
+        from pipelines.sampling import sample_command
+
+        return sample_command(args)
     try:
         cfg = load_config(args.config, args.overrides)
         if cfg.eval.inception_weights:
@@ -67,10 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
-    if args.command == "run":
+    from pipelines.stages import StageError
+
+    try:
         out = run(cfg, Path(args.workdir))
-        metrics = {k: round(v, 4) for k, v in sorted(out["evaluate"]["metrics"].items())}
-        print(f"[pipeline] done. checkpoint: {out['train']['checkpoint_dir']}")
-        print(f"[pipeline] evaluation of {out['evaluate']['generator']}: {json.dumps(metrics)}")
-        print(f"[pipeline] open the MLflow UI with `make ui` (http://127.0.0.1:5000), experiment {cfg.name!r}")
+    except StageError as err:
+        print(f"[pipeline] FAILED: {err}", file=sys.stderr)
+        return 1
+    _summary(cfg, out)
     return 0

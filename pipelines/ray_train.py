@@ -1,10 +1,12 @@
 """Ray Train adapter (the only module importing ray.train): gan.loop.fit data-parallel in TorchTrainer workers,
-Parquet read through Ray Data, checkpoints reported to Ray, metrics and sample grids to MLflow from rank 0."""
+Parquet read through Ray Data, checkpoints (scored in training) reported to Ray, metrics and grids to MLflow."""
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -17,12 +19,24 @@ import pyarrow.parquet as pq
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    FailureConfig,
+    LoggingConfig,
+    Result,
+    RunConfig,
+    ScalingConfig,
+    UserCallback,
+)
+from ray.train.collective import broadcast_from_rank_zero
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
+from gan.checkpoint import STATE_FILE
 from gan.config import Config, ConfigError, from_dict, to_dict
 from gan.data import decode, keep_labels, load_manifest, shard_paths, to_model_range
 from gan.loop import DataSpec, fit
+from gan.metrics.in_training import CheckpointScorer, score_key
 from gan.samples import save_loss_curves
 from pipelines.tracking import Tracker
 
@@ -40,27 +54,55 @@ class Tracking:
 @dataclass(frozen=True)
 class TrainOutcome:
     checkpoint_dir: str
-    """The run's latest checkpoint folder (state.pt, meta.json, samples.png)."""
+    """The run's best-scoring checkpoint folder when train.fid_every_kimg is on, else its latest (state.pt,
+    meta.json, samples.png)."""
     metrics: dict[str, float]
+    """What was reported with that checkpoint."""
+    best_metric: float | None = None
+    """Its in-training score (metrics[score_key(cfg)]), when scoring is on."""
+
+
+class _Scores:
+    """In-training scores: rank 0 scores a checkpoint every train.fid_every_kimg (and at the end) and every rank
+    gets the numbers, so all report the same keys."""
+
+    def __init__(self, cfg: Config, rank: int, world_size: int, dataset_dir: str, evaluator_dir: str | None):
+        self.every = round(cfg.train.fid_every_kimg * 1000)
+        self.target = math.ceil(cfg.train.kimg * 1000)
+        self.rank, self.world_size = rank, world_size
+        self.scorer = CheckpointScorer(cfg, dataset_dir, evaluator_dir) if rank == 0 else None
+        self.last: int | None = None
+
+    def __call__(self, images: int, checkpoint_dir: str | None) -> dict[str, float]:
+        scores: dict[str, float] = {}
+        if self.rank == 0 and checkpoint_dir is not None and (
+                self.last is None or images // self.every > self.last // self.every or images >= self.target):
+            scores = self.scorer(checkpoint_dir)
+            self.last = images
+        return broadcast_from_rank_zero(scores) if self.world_size > 1 else scores
 
 
 class _WorkerReport:
-    """Injected as fit's `report`: MLflow from rank 0, then ray.train.report with rank 0's checkpoint."""
+    """Injected as fit's `report`: in-training scores, MLflow from rank 0, then ray.train.report with rank 0's
+    checkpoint."""
 
-    def __init__(self, rank: int, tracking: Tracking | None, faults: dict[str, Any]):
+    def __init__(self, rank: int, tracking: Tracking | None, faults: dict[str, Any], scores: _Scores | None = None):
         self.rank = rank
         self.tracker = Tracker(tracking.tracking_uri) if tracking and rank == 0 else None
         self.run_id = tracking.run_id if tracking else None
         self.faults = faults
+        self.scores = scores
         self.history: list[dict[str, float]] = []
 
     def __call__(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         _maybe_fail(self.faults, self.rank, metrics["progress/kimg"])
         images = round(metrics["progress/kimg"] * 1000)
-        if self.rank == 0:
+        if self.scores is not None:
+            metrics = {**metrics, **self.scores(images, checkpoint_dir)}
+        if self.rank == 0:  # sys.__stdout__: Ray Train tees a print to a wrapped sys.stdout, printing it twice
             print(f"[train] {metrics['progress/kimg']:8.2f} kimg  {metrics['perf/img_per_s']:8.0f} img/s  "
                   f"loss/d {metrics.get('loss/d', float('nan')):.3f}  loss/g {metrics.get('loss/g', float('nan')):.3f}"
-                  f"{'  checkpoint' if checkpoint_dir else ''}", flush=True)
+                  f"{'  checkpoint' if checkpoint_dir else ''}", file=sys.__stdout__, flush=True)
         if self.tracker is not None:
             self.history.append(metrics)
             self.tracker.log_metrics(self.run_id, metrics, step=images)
@@ -162,9 +204,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     resume = None
     checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and loop_config.get("resume_from"):
+        # A checkpoint from elsewhere (a Tune trial's, or PBT's copy of a better trial's): used only when this
+        # run has none of its own.
+        checkpoint = Checkpoint.from_directory(loop_config["resume_from"])
     if checkpoint is not None:
         resume = checkpoint.to_directory(tempfile.mkdtemp(prefix="gan-resume-"))
-    report = _WorkerReport(rank, tracking, faults)
+        _use_config_optim(resume, cfg)
+    scores = None
+    if cfg.train.scores:
+        scores = _Scores(cfg, rank, world_size, loop_config["dataset_dir"], loop_config.get("evaluator_dir"))
+    report = _WorkerReport(rank, tracking, faults, scores)
     try:
         fit(cfg, _batches(cfg, manifest, rank, world_size, faults), spec=DataSpec.from_manifest(manifest),
             report=report, resume=resume, wrap=wrap, device=device, rank=rank, world_size=world_size,
@@ -173,6 +223,31 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     finally:
         if resume is not None:
             shutil.rmtree(resume, ignore_errors=True)
+
+
+def _use_config_optim(directory: str, cfg: Config) -> None:
+    """The config's learning rates and betas win over the checkpoint's (they differ after PBT explores, or when a
+    resumed run is given new ones); Adam's moments are kept."""
+    path = Path(directory) / STATE_FILE
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    o = cfg.optim
+    for name, lr in (("opt_g", o.lr_g), ("opt_d", o.lr_d)):
+        for group in state["optimizers"][name]["param_groups"]:
+            group["lr"], group["betas"] = lr, (o.beta1, o.beta2)
+    torch.save(state, path)
+
+
+class ForwardReports(UserCallback):
+    """Hands every report (rank 0's metrics and the persisted checkpoint's path) to a Ray queue and waits for the
+    consumer's ack, so the checkpoint is not deleted (num_to_keep) before the consumer has copied it. A Tune
+    trainable uses it to report Tune checkpoints, which TuneReportCallback does not (it forwards only the path)."""
+
+    def __init__(self, reports: Any, acks: Any):
+        self.reports, self.acks = reports, acks
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None) -> None:
+        self.reports.put({"metrics": dict(metrics[0]), "checkpoint": checkpoint.path if checkpoint else None})
+        self.acks.get()
 
 
 def check_resources(cfg: Config, available_cpus: float) -> None:
@@ -198,27 +273,55 @@ def _train_dataset(cfg: Config, manifest: Any) -> ray.data.Dataset:
     return ray.data.from_arrow(table.set_column(1, "y", pa.array(y)))
 
 
-def train(cfg: Config, dataset_dir: str | Path, *, storage_path: str | Path, tracking: Tracking | None = None,
-          max_failures: int = 1, faults: dict[str, Any] | None = None, run_name: str | None = None) -> TrainOutcome:
-    """Data-parallel training on the connected Ray cluster. A re-run with the same `run_name` (default
-    `cfg.name`) and storage resumes from that run's latest checkpoint."""
-    check_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
+def build_trainer(cfg: Config, dataset_dir: str | Path, *, storage_path: str | Path, tracking: Tracking | None = None,
+                  max_failures: int = 1, faults: dict[str, Any] | None = None, run_name: str | None = None,
+                  evaluator_dir: str | Path | None = None, resume_from: str | None = None,
+                  callbacks: list[Any] | None = None) -> TorchTrainer:
+    """The TorchTrainer of one run; with train.fid_every_kimg on, Ray keeps the best-scoring checkpoints."""
     manifest = load_manifest(dataset_dir)
-    dataset = _train_dataset(cfg, manifest)
+    if cfg.train.scores and not cfg.data.is_points and evaluator_dir is None:
+        raise ConfigError(f"train.fid_every_kimg={cfg.train.fid_every_kimg:g} scores images with the evaluator: "
+                          f"pass evaluator_dir")
     resources = {"CPU": cfg.scale.cpus_per_worker, **({"GPU": 1} if cfg.scale.use_gpu else {})}
-    trainer = TorchTrainer(
+    keep = CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)
+    if cfg.train.scores:
+        keep = CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute=score_key(cfg),
+                                checkpoint_score_order="min")
+    return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "dataset_dir": str(Path(dataset_dir).resolve()),
-                           "tracking": tracking.__dict__ if tracking else None, "faults": faults or {}},
+                           "tracking": tracking.__dict__ if tracking else None, "faults": faults or {},
+                           "evaluator_dir": str(Path(evaluator_dir).resolve()) if evaluator_dir else None,
+                           "resume_from": resume_from},
         scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name or cfg.name, storage_path=str(Path(storage_path).resolve()),
-                             failure_config=FailureConfig(max_failures=max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)),
-        datasets={"train": dataset},
+                             failure_config=FailureConfig(max_failures=max_failures), checkpoint_config=keep,
+                             callbacks=callbacks, logging_config=LoggingConfig(log_level="WARNING")),
+        datasets={"train": _train_dataset(cfg, manifest)},
     )
-    result = trainer.fit()
+
+
+def outcome(cfg: Config, result: Result) -> TrainOutcome:
+    """The run's best-scoring checkpoint when scoring is on (its latest otherwise) and what came with it."""
+    if cfg.train.scores:
+        key = score_key(cfg)
+        scored = [(c, m) for c, m in result.best_checkpoints or [] if math.isfinite(m.get(key, math.nan))]
+        if scored:
+            best, metrics = min(scored, key=lambda cm: cm[1][key])
+            return TrainOutcome(checkpoint_dir=best.path, metrics=dict(metrics), best_metric=float(metrics[key]))
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.name} finished without a checkpoint")
     return TrainOutcome(checkpoint_dir=result.checkpoint.path, metrics=dict(result.metrics or {}))
 
+
+def train(cfg: Config, dataset_dir: str | Path, *, storage_path: str | Path, tracking: Tracking | None = None,
+          max_failures: int = 1, faults: dict[str, Any] | None = None, run_name: str | None = None,
+          evaluator_dir: str | Path | None = None) -> TrainOutcome:
+    """Data-parallel training on the connected Ray cluster. A re-run with the same `run_name` (default
+    `cfg.name`) and storage resumes from that run's latest checkpoint. With train.fid_every_kimg on, rank 0 scores
+    checkpoints with the evaluator (`evaluator_dir`; 2-D data needs none) and the outcome is the best one."""
+    check_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
+    trainer = build_trainer(cfg, dataset_dir, storage_path=storage_path, tracking=tracking, max_failures=max_failures,
+                            faults=faults, run_name=run_name, evaluator_dir=evaluator_dir)
+    return outcome(cfg, trainer.fit())

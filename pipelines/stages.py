@@ -23,9 +23,11 @@ from gan.evaluate import (
     score_images,
     score_points,
 )
+from gan.export import served_generator
 from gan.metrics import evaluator_meta, load_evaluator, load_inception, real_floor, save_evaluator, train_evaluator
 from gan.metrics.semi_supervised import semi_supervised_metrics
 from pipelines import ray_train
+from pipelines.registry import CHAMPION, check_gate, elect_champion, git_commit, model_name, version_tags
 from pipelines.tracking import Tracker
 
 
@@ -42,13 +44,22 @@ class Context:
     experiment: str
     parent_run_id: str
     log: Callable[[str], None] = print
+    stage_key: str = ""
+    """Hash of the stage's inputs (set by the workflow): its run is found and reused by it."""
 
 
 def run_stage(ctx: Context, name: str, body: Callable[[str], dict[str, Any]], *,
               params: dict[str, Any] | None = None, tags: dict[str, str] | None = None) -> dict[str, Any]:
-    """Runs `body(run_id)` inside a nested MLflow run; prints start/end lines with durations and the run URL."""
-    run_id = ctx.tracker.start_run(ctx.experiment, name, parent_run_id=ctx.parent_run_id,
-                                   tags={"stage": name, **(tags or {})})
+    """Runs `body(run_id)` inside a nested MLflow run; prints start/end lines with durations and the run URL.
+
+    With a `ctx.stage_key`, the run carries it and, once FINISHED, its outputs as JSON (the workflow's cache),
+    and runs of the same key left RUNNING by a killed attempt are marked KILLED."""
+    all_tags = {"stage": name, **(tags or {}), **({"stage_key": ctx.stage_key} if ctx.stage_key else {})}
+    stale = ctx.tracker.find_runs(ctx.experiment, {"stage": name, "stage_key": ctx.stage_key},
+                                  status="RUNNING") if ctx.stage_key else []
+    run_id = ctx.tracker.start_run(ctx.experiment, name, parent_run_id=ctx.parent_run_id, tags=all_tags)
+    for old in stale:
+        ctx.tracker.end_run(old.info.run_id, "KILLED", error=f"interrupted; the stage went on in run {run_id}")
     if params:
         ctx.tracker.log_params(run_id, params)
     ctx.log(f"[{name}] started  {ctx.tracker.run_url(run_id)}")
@@ -59,6 +70,8 @@ def run_stage(ctx: Context, name: str, body: Callable[[str], dict[str, Any]], *,
         ctx.tracker.end_run(run_id, "FAILED", error=f"{type(err).__name__}: {err}")
         ctx.log(f"[{name}] FAILED after {time.perf_counter() - start:.1f}s: {type(err).__name__}: {err}")
         raise StageError(f"stage {name} failed: {err}") from err
+    if ctx.stage_key:
+        ctx.tracker.set_tags(run_id, {"outputs": json.dumps(out, sort_keys=True, default=str)})
     ctx.tracker.end_run(run_id, "FINISHED")
     ctx.log(f"[{name}] finished in {time.perf_counter() - start:.1f}s")
     return {**out, "run_id": run_id}
@@ -78,13 +91,29 @@ def prepare_stage(ctx: Context, cfg: Config) -> dict[str, Any]:
                                                    if k.startswith("data.")})
 
 
-def train_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], *, max_failures: int = 1,
-                faults: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Data-parallel training on Ray Train; rank 0 logs metrics and sample grids into this stage's run."""
+def train_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator: dict[str, Any] | None = None, *,
+                max_failures: int = 1, faults: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Data-parallel training on Ray Train (or, with a `tune.space`, a search whose trials each train so); rank 0
+    logs metrics and sample grids into this stage's run (a search: into one nested run per trial). The Ray run is
+    named by the stage's inputs, so a re-run after a crash resumes from its last checkpoint (or the search)."""
+    run_name = f"{cfg.name}-{ctx.stage_key}" if ctx.stage_key else None
+    evaluator_dir = (evaluator or {}).get("evaluator_dir")
+
     def body(run_id: str) -> dict[str, Any]:
-        outcome = ray_train.train(cfg, dataset["dataset_dir"], storage_path=ctx.workdir / "ray",
-                                  tracking=ray_train.Tracking(ctx.tracker.tracking_uri, run_id),
-                                  max_failures=max_failures, faults=faults)
+        tracking = ray_train.Tracking(ctx.tracker.tracking_uri, run_id)
+        if cfg.tune.enabled:
+            from pipelines import ray_tune
+
+            found = ray_tune.tune(cfg, dataset["dataset_dir"], evaluator_dir=evaluator_dir,
+                                  storage_path=ctx.workdir / "ray", tracking=tracking, run_name=run_name)
+            ctx.tracker.set_tags(run_id, {"checkpoint": found.checkpoint_dir})
+            ctx.log(f"[train] search: best trial run {found.trial_run_id}; "
+                    f"{', '.join(str(t['status']) for t in found.trials)}")
+            return {"checkpoint_dir": found.checkpoint_dir, "metrics": found.metrics,
+                    "trial_run_id": found.trial_run_id}
+        outcome = ray_train.train(cfg, dataset["dataset_dir"], storage_path=ctx.workdir / "ray", tracking=tracking,
+                                  max_failures=max_failures, faults=faults, run_name=run_name,
+                                  evaluator_dir=evaluator_dir)
         ctx.tracker.set_tags(run_id, {"checkpoint": outcome.checkpoint_dir})
         return {"checkpoint_dir": outcome.checkpoint_dir, "metrics": outcome.metrics}
     return run_stage(ctx, "train", body, params=flatten(cfg),
@@ -96,8 +125,11 @@ def evaluator_stage(ctx: Context, cfg: Config, dataset: dict[str, Any]) -> dict[
     the real-vs-real floor; reused without retraining while the data and the evaluator settings are unchanged."""
     manifest = load_manifest(dataset["dataset_dir"])
     if manifest.kind == "points":
-        ctx.log("[evaluator] 2-D data: scored by mode metrics, no evaluator needed")
-        return {"evaluator_dir": None}
+        def modes(run_id: str) -> dict[str, Any]:
+            ctx.log("[evaluator] 2-D data: scored by the mode metrics, no feature network to train")
+            ctx.tracker.set_tags(run_id, {"evaluator_id": "modes", "dataset_hash": manifest.dataset_hash})
+            return {"evaluator_dir": None, "evaluator_id": "modes"}
+        return run_stage(ctx, "evaluator", modes, tags={"dataset_hash": manifest.dataset_hash})
     key = hashlib.sha256(json.dumps([manifest.dataset_hash, cfg.eval.evaluator_epochs, cfg.eval.seed,
                                      cfg.eval.num_samples]).encode()).hexdigest()[:12]
     directory = Path(dataset["dataset_dir"]).parent / "evaluators" / f"{manifest.dataset_id}-{key}"
@@ -139,19 +171,21 @@ def evaluate_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator
                    trained: dict[str, Any]) -> dict[str, Any]:
     """Scores G_ema (eval/...) and G (eval_raw/...) from the trained checkpoint; logs a sample PNG."""
     def body(run_id: str) -> dict[str, Any]:
-        gens, _, extra = generators_from_checkpoint(trained["checkpoint_dir"])
-        primary = primary_generator(cfg)
+        gens, trained_cfg, extra = generators_from_checkpoint(trained["checkpoint_dir"])
+        # The checkpoint's own model settings (a search may have changed them), scored under this run's eval.
+        scoring = replace(trained_cfg, eval=cfg.eval)
+        primary = primary_generator(scoring)
         metrics: dict[str, float] = {}
         start = time.perf_counter()
         images = evaluator["evaluator_dir"] is not None
         if images:
             x_train, y_train = read_split(dataset["dataset_dir"], "train", verify=False)
             net = load_evaluator(evaluator["evaluator_dir"])
-            sized = replace(cfg, eval=replace(cfg.eval, num_samples=min(cfg.eval.num_samples, len(x_train))))
+            sized = replace(scoring, eval=replace(cfg.eval, num_samples=min(cfg.eval.num_samples, len(x_train))))
         for name, G in gens.items():
             prefix = "eval/" if name == primary else "eval_raw/"
             if not images:
-                metrics.update(score_points(G, cfg, extra["scale"], prefix)[0])
+                metrics.update(score_points(G, scoring, extra["scale"], prefix)[0])
                 continue
             metrics.update(score_images(G, sized, extra["num_classes"], x_train, net, prefix))
             if cfg.eval.inception_weights and name == primary:
@@ -159,11 +193,11 @@ def evaluate_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator
                 inception = score_images(G, sized, extra["num_classes"], x_train,
                                          load_inception(cfg.eval.inception_weights), "eval/inception_")
                 metrics.update({k: v for k, v in inception.items() if "/inception_fid" in k or "_is_" in k})
-        if cfg.model.semi_supervised:
+        if scoring.model.semi_supervised:
             x_test, y_test = read_split(dataset["dataset_dir"], "test", verify=False)
             metrics.update(semi_supervised_metrics(discriminator_from_checkpoint(trained["checkpoint_dir"]),
-                                                   x_train, y_train, x_test, y_test, labels=cfg.model.labels,
-                                                   seed=cfg.train.seed))
+                                                   x_train, y_train, x_test, y_test, labels=scoring.model.labels,
+                                                   seed=scoring.train.seed))
         metrics["perf/eval_seconds"] = time.perf_counter() - start
         metrics.update(evaluator.get("floor") or {})
         ctx.tracker.log_metrics(run_id, metrics, step=0)
@@ -171,8 +205,40 @@ def evaluate_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator
                 "checkpoint": trained["checkpoint_dir"]}
         ctx.tracker.set_tags(run_id, tags)
         with tempfile.TemporaryDirectory() as tmp:
-            png = save_sample_png(gens[primary], cfg, extra, Path(tmp) / "samples.png")
+            png = save_sample_png(gens[primary], scoring, extra, Path(tmp) / "samples.png")
             ctx.tracker.log_artifact(run_id, png)
         ctx.log(f"[evaluate] {json.dumps({k: round(v, 4) for k, v in sorted(metrics.items())})}")
         return {"metrics": metrics, **tags}
     return run_stage(ctx, "evaluate", body, tags={"dataset_hash": dataset["dataset_hash"]})
+
+
+def register_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], trained: dict[str, Any],
+                   evaluated: dict[str, Any]) -> dict[str, Any]:
+    """Logs the scored generator with `mlflow.pytorch.log_model`, registers it as a version of gan-<dataset>
+    tagged with its metrics and lineage, and moves `champion` to it only if it beats the champion's FID under
+    the same evaluator (else it is tagged `challenger`). `register.max_fid` refuses a model before any of that."""
+    def body(run_id: str) -> dict[str, Any]:
+        metrics = evaluated["metrics"]
+        check_gate(cfg, metrics)
+        gens, trained_cfg, extra = generators_from_checkpoint(trained["checkpoint_dir"])
+        primary = primary_generator(trained_cfg)
+        module = served_generator(gens[primary], z_dim=trained_cfg.model.z_dim, points=trained_cfg.data.is_points,
+                                  scale=extra["scale"], conditional=trained_cfg.model.conditional,
+                                  num_classes=extra["num_classes"])
+        uri = ctx.tracker.log_generator(run_id, module, module.example_inputs(),
+                                        metadata={"points": module.points, "num_classes": module.num_classes,
+                                                  "data_source": trained_cfg.data.source})
+        name = model_name(cfg)
+        tags = version_tags(metrics, evaluator_id=evaluated["evaluator_id"], dataset_hash=dataset["dataset_hash"],
+                            config_hash=config_hash(trained_cfg), git_commit=git_commit(),
+                            pipeline_run_id=ctx.parent_run_id, generator=primary, z_dim=str(trained_cfg.model.z_dim))
+        version = ctx.tracker.register_model(uri, name, tags)
+        champion = elect_champion(ctx.tracker, name, version)
+        out = {"model_name": name, "version": version, "model_uri": f"models:/{name}/{version}",
+               "champion_version": champion, "champion_uri": f"models:/{name}@{CHAMPION}",
+               "is_champion": champion == version}
+        ctx.tracker.set_tags(run_id, {k: str(v) for k, v in out.items()})
+        ctx.log(f"[register] {name} version {version} ({tags['score_metric']}={float(tags['score']):.4g}): "
+                f"{'the new champion' if champion == version else f'challenger; champion stays version {champion}'}")
+        return out
+    return run_stage(ctx, "register", body, tags={"dataset_hash": dataset["dataset_hash"]})

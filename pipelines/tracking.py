@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, RunTag
+from mlflow.exceptions import MlflowException
 
 T = TypeVar("T")
 PARENT_TAG = "mlflow.parentRunId"
@@ -25,13 +26,16 @@ def default_tracking_uri(workdir: str | Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
-def with_retries(fn: Callable[[], T], *, attempts: int = 8, base_delay: float = 0.05) -> T:
-    """Runs `fn`, retrying SQLite lock and transient HTTP errors with jittered exponential backoff."""
+def with_retries(fn: Callable[[], T], *, attempts: int = 8, base_delay: float = 0.05,
+                 also: tuple[str, ...] = ()) -> T:
+    """Runs `fn`, retrying SQLite lock and transient HTTP errors (and errors containing any of `also`) with
+    jittered exponential backoff."""
+    retryable = RETRYABLE + also
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as err:  # MLflow wraps SQLAlchemy and requests errors in several types
-            if attempt == attempts - 1 or not any(s in str(err).lower() for s in RETRYABLE):
+            if attempt == attempts - 1 or not any(s in str(err).lower() for s in retryable):
                 raise
             time.sleep(base_delay * (2 ** attempt) * (0.5 + random.random()))
     raise AssertionError("unreachable")
@@ -111,6 +115,87 @@ class Tracker:
 
     def artifact_paths(self, run_id: str, path: str | None = None) -> list[str]:
         return [a.path for a in with_retries(lambda: self.client.list_artifacts(run_id, path))]
+
+    def find_runs(self, experiment: str, tags: dict[str, str], status: str | None = None) -> list[Any]:
+        """Runs of `experiment` carrying all `tags` (and in `status` when given), newest first."""
+        found = with_retries(lambda: self.client.get_experiment_by_name(experiment))
+        if found is None:
+            return []
+        clauses = [f"tags.`{k}` = '{v}'" for k, v in tags.items()]
+        if status:
+            clauses.append(f"attributes.status = '{status}'")
+        return with_retries(lambda: self.client.search_runs(
+            [found.experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=50))
+
+    # Registry: the generator as an MLflow model, its versions and the champion alias.
+
+    def log_generator(self, run_id: str, module: Any, example_inputs: tuple[Any, ...], name: str = "generator",
+                      metadata: dict[str, Any] | None = None) -> str:
+        """Logs a torch module with `mlflow.pytorch.log_model` (pt2, with a tensor signature taken from the example
+        inputs and the module's output on them) into `run_id`; returns the model URI."""
+        import mlflow
+        import mlflow.pytorch
+        import numpy as np
+        import torch
+        from mlflow.models import ModelSignature
+        from mlflow.types import Schema, TensorSpec
+
+        names = ["z", "y"]
+        with torch.no_grad():
+            output = module(*(torch.from_numpy(x) for x in example_inputs)).numpy()
+        signature = ModelSignature(
+            inputs=Schema([TensorSpec(x.dtype, (-1, *x.shape[1:]), names[i]) for i, x in enumerate(example_inputs)]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *output.shape[1:]), "sample")]))
+        mlflow.set_tracking_uri(self.tracking_uri)
+        # The fluent API logs into the active run; resuming ours ends it FINISHED on exit, and the stage
+        # sets the final status afterwards anyway.
+        with mlflow.start_run(run_id=run_id):
+            info = with_retries(lambda: mlflow.pytorch.log_model(
+                module, name=name, signature=signature, input_example=example_inputs,
+                serialization_format="pt2", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
+                metadata=metadata))
+        return info.model_uri
+
+    def load_generator(self, model_uri: str) -> tuple[Any, list[tuple[int, ...]], dict[str, Any]]:
+        """A logged or registered generator (`models:/gan-mnist@champion`, `models:/gan-mnist/3`, `runs:/...`):
+        the module, its input shapes from the signature, and its metadata."""
+        import mlflow
+        import mlflow.pytorch
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        info = with_retries(lambda: mlflow.models.get_model_info(model_uri))
+        shapes = [tuple(spec.shape) for spec in info.signature.inputs.inputs]
+        return with_retries(lambda: mlflow.pytorch.load_model(model_uri)), shapes, dict(info.metadata or {})
+
+    def register_model(self, model_uri: str, name: str, tags: dict[str, Any]) -> str:
+        """A new version of registered model `name` (created on first use) with `tags`; returns the version."""
+        import mlflow
+
+        mlflow.set_tracking_uri(self.tracking_uri)
+        str_tags = {k: str(v) for k, v in tags.items()}
+        version = with_retries(lambda: mlflow.register_model(model_uri, name, tags=str_tags))
+        return str(version.version)
+
+    def model_versions(self, name: str) -> list[Any]:
+        return with_retries(lambda: self.client.search_model_versions(f"name='{name}'"))
+
+    def alias_version(self, name: str, alias: str) -> str | None:
+        """The version `alias` points at, or None."""
+        try:
+            return str(self.client.get_model_version_by_alias(name, alias).version)
+        except MlflowException as err:
+            if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+                return None  # no such model, or no such alias
+            raise
+
+    def set_alias(self, name: str, alias: str, version: str) -> None:
+        # The store replaces an alias by delete + insert: two writers at once collide on its unique key.
+        with_retries(lambda: self.client.set_registered_model_alias(name, alias, version),
+                     also=("unique constraint", "duplicate entry"))
+
+    def set_version_tags(self, name: str, version: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            with_retries(lambda k=k, v=v: self.client.set_model_version_tag(name, version, k, str(v)))
 
     def run_url(self, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
         info = self.run(run_id).info

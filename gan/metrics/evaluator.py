@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gan.config import EVALUATOR_FEATURES
 from gan.data.transforms import to_model_range
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,7 @@ class Evaluator(nn.Module):
       (B, w, R/2, R/2) -> (B, 2w, R/4, R/4) -> (B, 4w, R/4, R/4) -> (B, 4w, 4, 4) -> (B, F) -> (B, K)
     """
 
-    def __init__(self, *, in_channels: int, resolution: int, num_classes: int, feature_dim: int = 128,
+    def __init__(self, *, in_channels: int, resolution: int, num_classes: int, feature_dim: int = EVALUATOR_FEATURES,
                  width: int = 16):
         super().__init__()
         if in_channels not in (1, 3):
@@ -108,7 +109,8 @@ def accuracy(model: nn.Module, x_uint8: np.ndarray | Tensor, y: np.ndarray | Ten
 
 def train_evaluator(x_train_uint8: np.ndarray, y_train: np.ndarray, x_test_uint8: np.ndarray, y_test: np.ndarray,
                     *, epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-                    feature_dim: int = 128, width: int = 16, augment: bool = True) -> tuple[Evaluator, float]:
+                    feature_dim: int = EVALUATOR_FEATURES, width: int = 16,
+                    augment: bool = True) -> tuple[Evaluator, float]:
     """Trains an Evaluator on uint8 images (N, C, H, W) with labels; returns it in eval mode and its test accuracy.
     Adam under a one-cycle schedule; the same seed gives the same weights on the CPU. The caller's RNG is untouched."""
     x_train, y_train = torch.as_tensor(np.asarray(x_train_uint8)), torch.as_tensor(np.asarray(y_train)).long()

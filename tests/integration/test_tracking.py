@@ -4,11 +4,6 @@ concurrent writers lose nothing, and a Ray Train run logs to an http:// store th
 from __future__ import annotations
 
 import multiprocessing as mp
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -19,41 +14,6 @@ from pipelines.tracking import Tracker
 
 pytestmark = pytest.mark.integration
 WRITERS, METRICS = 8, 40
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    """A real `mlflow server` on 127.0.0.1 with its own SQLite backend and artifact folder."""
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'server.db'}", "--artifacts-destination", str(root / "art"),
-         "--workers", "2"],
-        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
-                if r.status == 200:
-                    break
-        except OSError:
-            time.sleep(0.5)
-        if proc.poll() is not None:
-            raise RuntimeError(f"mlflow server exited: {(root / 'server.log').read_text()[-2000:]}")
-    else:
-        proc.kill()
-        raise RuntimeError("mlflow server did not become healthy in 90 s")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
 
 
 def _writer(uri: str, run_id: str, index: int) -> None:

@@ -1,0 +1,43 @@
+"""A trained generator packaged for serving: latents in, images in [0, 1] (or 2-D points in data units) out."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+class ServedGenerator(nn.Module):
+    """Wraps G so that its output needs no knowledge of the training range.
+
+    Unconditional: `forward(z)`, z (B, z_dim) float32. Conditional: `forward(z, y)`, y (B,) int64 class labels.
+    Images come out as float32 (B, C, H, W) in [0, 1]; 2-D points as (B, 2) in the data's coordinates."""
+
+    def __init__(self, G: nn.Module, *, z_dim: int, points: bool, scale: float = 1.0, num_classes: int = 0):
+        super().__init__()
+        self.G = G.eval().requires_grad_(False)
+        self.z_dim = z_dim
+        self.points = points
+        self.scale = scale
+        self.num_classes = num_classes
+
+    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        out = self.G(z, y)
+        if self.points:
+            return out * self.scale
+        return (out.clamp(-1.0, 1.0) + 1.0) * 0.5
+
+    def example_inputs(self, batch: int = 4, seed: int = 0) -> tuple[np.ndarray, ...]:
+        """A seeded input example (a batch of at least 2 so that the exported batch dimension stays dynamic)."""
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(max(2, batch), self.z_dim, generator=gen).numpy()
+        if not self.num_classes:
+            return (z,)
+        return z, (np.arange(z.shape[0]) % self.num_classes).astype(np.int64)
+
+
+def served_generator(G: nn.Module, *, z_dim: int, points: bool, scale: float, conditional: bool,
+                     num_classes: int) -> ServedGenerator:
+    """The generator as registered: G's conditioning input is kept only for conditional models."""
+    return ServedGenerator(G, z_dim=z_dim, points=points, scale=scale,
+                           num_classes=num_classes if conditional else 0)

@@ -1,0 +1,138 @@
+"""The pipeline as a workflow on Ray: every stage a Ray task with retries and a nested MLflow run; a stage whose
+inputs match a FINISHED run is reused, and a re-run after a crash resumes (train from its Ray checkpoint)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from gan.config import Config, flatten, from_dict, to_dict
+from pipelines.stages import (
+    Context,
+    StageError,
+    evaluate_stage,
+    evaluator_stage,
+    prepare_stage,
+    register_stage,
+    train_stage,
+)
+from pipelines.tracking import Tracker, default_tracking_uri
+
+STAGES: dict[str, Callable[..., dict[str, Any]]] = {
+    "prepare": prepare_stage, "evaluator": evaluator_stage, "train": train_stage, "evaluate": evaluate_stage,
+    "register": register_stage,
+}
+# CPUs a stage's task reserves: train only waits on its Ray Train workers, which reserve their own.
+STAGE_CPUS = {"prepare": 1.0, "evaluator": 1.0, "train": 0.0, "evaluate": 1.0, "register": 0.0}
+STAGE_RETRIES = 2
+"""Retries of a stage task whose worker process died (a raised error is not retried: it would fail again)."""
+
+
+def stage_key(name: str, *parts: Any) -> str:
+    """Hash of a stage's inputs: its config sections and the identifying outputs of the stages before it."""
+    return hashlib.sha256(json.dumps([name, *parts], sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def stage_inputs(cfg: Config, name: str, upstream: dict[str, dict[str, Any]]) -> list[Any]:
+    """What decides a stage's result; two runs with equal inputs give the same outputs."""
+    plain = to_dict(cfg)
+    if name == "prepare":
+        return [{k: v for k, v in plain["data"].items() if k != "cache_mb"}]
+    dataset_hash = upstream["prepare"]["dataset_hash"]
+    if name == "evaluator":
+        return [dataset_hash, plain["eval"]["evaluator_epochs"], plain["eval"]["seed"], plain["eval"]["num_samples"]]
+    if name == "train":
+        training = {k: v for k, v in plain.items() if k not in ("name", "data", "eval", "register")}
+        return [dataset_hash, upstream["evaluator"].get("evaluator_id"), plain["data"]["cache_mb"], training]
+    if name == "evaluate":
+        return [upstream["train"]["checkpoint_dir"], upstream["evaluator"].get("evaluator_id"), plain["eval"]]
+    if name == "register":
+        return [upstream["evaluate"]["run_id"], plain["register"], plain["data"]["source"]]
+    raise KeyError(name)
+
+
+def _usable(outputs: dict[str, Any]) -> bool:
+    """A reused stage's folders must still exist (a cleaned work folder means running it again)."""
+    return all(Path(v).exists() for k, v in outputs.items() if k.endswith("_dir") and isinstance(v, str))
+
+
+@ray.remote
+def _stage_task(name: str, cfg_values: dict[str, Any], upstream: dict[str, dict[str, Any]],
+                ctx_values: dict[str, Any]) -> dict[str, Any]:
+    ctx = Context(workdir=Path(ctx_values["workdir"]), tracker=Tracker(ctx_values["tracking_uri"]),
+                  experiment=ctx_values["experiment"], parent_run_id=ctx_values["parent_run_id"],
+                  stage_key=ctx_values["stage_key"])
+    cfg = from_dict(cfg_values)
+    return STAGES[name](ctx, cfg, **upstream)
+
+
+UPSTREAM = {"prepare": (), "evaluator": ("dataset",), "train": ("dataset", "evaluator"),
+            "evaluate": ("dataset", "evaluator", "trained"), "register": ("dataset", "trained", "evaluated")}
+OUTPUT_NAMES = {"prepare": "dataset", "evaluator": "evaluator", "train": "trained", "evaluate": "evaluated",
+                "register": "registered"}
+
+
+def run_stage_task(ctx: Context, cfg: Config, name: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Reuses a FINISHED run with the same inputs, or runs the stage as a Ray task (its own nested run)."""
+    key = stage_key(name, *stage_inputs(cfg, name, done))
+    for run in ctx.tracker.find_runs(ctx.experiment, {"stage": name, "stage_key": key}, status="FINISHED"):
+        outputs = json.loads(run.data.tags.get("outputs", "null") or "null")
+        if outputs is not None and _usable(outputs):
+            ctx.log(f"[{name}] reused: inputs match FINISHED run {ctx.tracker.run_url(run.info.run_id)}")
+            ctx.tracker.set_tags(ctx.parent_run_id, {f"stage.{name}": run.info.run_id, f"reused.{name}": "true"})
+            return {**outputs, "run_id": run.info.run_id}
+    by_name = {OUTPUT_NAMES[n]: v for n, v in done.items()}
+    upstream = {arg: by_name[arg] for arg in UPSTREAM[name]}
+    ctx_values = {"workdir": str(ctx.workdir), "tracking_uri": ctx.tracker.tracking_uri, "experiment": ctx.experiment,
+                  "parent_run_id": ctx.parent_run_id, "stage_key": key}
+    task = _stage_task.options(num_cpus=STAGE_CPUS[name], max_retries=STAGE_RETRIES, retry_exceptions=False,
+                               name=f"stage-{name}")
+    ref = task.remote(name, to_dict(cfg), upstream, ctx_values)
+    ctx.log(f"[{name}] running as a Ray task (inputs {key})")
+    try:
+        out = ray.get(ref)
+    except ray.exceptions.RayTaskError as err:
+        cause = err.cause
+        raise (cause if isinstance(cause, StageError) else StageError(f"stage {name} failed: {cause}")) from None
+    except KeyboardInterrupt:
+        ray.cancel(ref, force=True)
+        raise
+    ctx.tracker.set_tags(ctx.parent_run_id, {f"stage.{name}": out["run_id"]})
+    return out
+
+
+def absolute_paths(cfg: Config) -> Config:
+    """Stage tasks may start in another folder (or on another node): relative data paths are made absolute."""
+    data = replace(cfg.data, out_dir=str(Path(cfg.data.out_dir).resolve()),
+                   root=str(Path(cfg.data.root).resolve()) if cfg.data.root else "")
+    return replace(cfg, data=data)
+
+
+def run_pipeline(cfg: Config, workdir: str | Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """prepare -> evaluator -> train -> evaluate -> register under one pipeline run. Needs a connected Ray."""
+    workdir = Path(workdir).resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = absolute_paths(cfg)
+    tracker = Tracker(default_tracking_uri(workdir))
+    parent = tracker.start_run(cfg.name, f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", tags={"stage": "pipeline"})
+    tracker.log_params(parent, flatten(cfg))
+    log(f"[pipeline] {cfg.name}: MLflow store {tracker.tracking_uri}, run {tracker.run_url(parent)}")
+    ctx = Context(workdir=workdir, tracker=tracker, experiment=cfg.name, parent_run_id=parent, log=log)
+    done: dict[str, dict[str, Any]] = {}
+    start = time.perf_counter()
+    try:
+        for name in STAGES:
+            done[name] = run_stage_task(ctx, cfg, name, done)
+    except BaseException as err:
+        tracker.end_run(parent, "FAILED", error=f"{type(err).__name__}: {err}")
+        raise
+    tracker.end_run(parent, "FINISHED")
+    log(f"[pipeline] finished in {time.perf_counter() - start:.1f}s")
+    return {"pipeline_run_id": parent, **{OUTPUT_NAMES[n]: v for n, v in done.items()}}

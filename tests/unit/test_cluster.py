@@ -1,0 +1,331 @@
+"""cluster/: every manifest parses, and its images, commands, paths, services and secrets agree with the project."""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.util
+import json
+import re
+import shlex
+import subprocess
+from importlib.metadata import version
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from gan.config import Config, load_config
+from pipelines.cli import _parser
+from pipelines.ray_train import check_resources
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER = REPO / "cluster"
+SHARED = "/mnt/shared"
+PINS = dict(line.split("==") for line in (REPO / "constraints.txt").read_text().splitlines()
+            if "==" in line and not line.startswith("#"))
+EXPECTED = {"ray-cluster.yaml", "kuberay/raycluster.yaml", "kuberay/rayjob.yaml", "kuberay/shared-storage.yaml",
+            "mlflow/docker-compose.yaml", "mlflow/mlflow-server.yaml", "mlflow/secret.example.yaml"}
+
+
+def docs(name: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all((CLUSTER / name).read_text()) if d is not None]
+
+
+def doc(name: str, kind: str | None = None) -> dict:
+    found = [d for d in docs(name) if kind is None or d.get("kind") == kind]
+    assert len(found) == 1, f"{name}: expected one {kind or 'document'}, found {len(found)}"
+    return found[0]
+
+
+def ray_image(image: str, gpu: bool) -> bool:
+    return image == f"rayproject/ray:{PINS['ray']}-py311" + ("-gpu" if gpu else "")
+
+
+def cpus(quantity: str | int | float) -> float:
+    text = str(quantity)
+    return float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def pipeline_argv(command: str) -> list[str]:
+    """The pipeline's own arguments in a shell command that runs it, directly or through `submit ... --`."""
+    tokens = shlex.split(command)
+    at = next(i for i in range(len(tokens) - 1) if tokens[i:i + 2] == ["-m", "pipelines"])
+    argv = tokens[at + 2:]
+    if argv[0] != "submit":
+        return argv
+    _parser().parse_args(argv)  # submit's own options, e.g. --address and --env, exist as written
+    return argv[argv.index("--") + 1:]
+
+
+def check_cluster_run(command: str, code_at: str = "") -> Config:
+    """Parses a cluster pipeline command with the real CLI, builds its config, and checks its paths are shared.
+    `code_at` is where the repository sits on the cluster when the command names configs by absolute path."""
+    args = _parser().parse_args(pipeline_argv(command))
+    assert args.command == "run", command
+    config = args.config.removeprefix(code_at + "/") if code_at else args.config
+    assert not Path(config).is_absolute(), f"{args.config} is not under the code folder {code_at}"
+    assert (REPO / config).is_file(), f"{command}: {args.config} is not in the repository"
+    assert Path(config).parent.name == "configs", args.config
+    cfg = load_config(REPO / config, args.overrides)
+    paths = {"--workdir": args.workdir, "data.out_dir": cfg.data.out_dir}
+    if not cfg.data.is_points and cfg.data.source != "digits":  # sources read from (or download into) data.root
+        paths["data.root"] = cfg.data.root
+    for what, path in paths.items():
+        assert path.startswith(SHARED + "/"), f"{command}: {what}={path!r} is not on the shared storage {SHARED}"
+    return cfg
+
+
+def test_every_cluster_file_is_there_and_parses():
+    names = {str(p.relative_to(CLUSTER)) for p in CLUSTER.rglob("*.y*ml")}
+    assert names >= EXPECTED
+    for name in names:
+        for d in docs(name):
+            assert isinstance(d, dict), name
+            if "apiVersion" in d:
+                assert d["kind"] and d["metadata"]["name"], name
+
+
+# --- Ray cluster launcher -----------------------------------------------------------------------------------------
+
+LAUNCHER = yaml.safe_load((CLUSTER / "ray-cluster.yaml").read_text())
+
+
+def test_launcher_matches_rays_own_schema():
+    ray_dir = Path(importlib.util.find_spec("ray").submodule_search_locations[0])
+    jsonschema.validate(LAUNCHER, json.loads((ray_dir / "autoscaler" / "ray-schema.json").read_text()))
+
+
+def test_launcher_node_types_reference_each_other():
+    types = LAUNCHER["available_node_types"]
+    head = LAUNCHER["head_node_type"]
+    assert head in types
+    assert types[head]["resources"].get("GPU", 0) == 0, "the head is the CPU node"
+    workers = {name: t for name, t in types.items() if name != head}
+    gpu = {name: t for name, t in workers.items() if t["resources"].get("GPU", 0) >= 1}
+    assert gpu, "no worker type offers a GPU"
+    for name, t in workers.items():
+        assert 0 <= t["min_workers"] <= t["max_workers"] <= LAUNCHER["max_workers"], name
+    assert sum(t["min_workers"] for t in workers.values()) <= LAUNCHER["max_workers"]
+    cfg = load_config(REPO / "configs" / "cifar10-dcgan.yaml")
+    assert sum(t["min_workers"] * t["resources"]["GPU"] for t in gpu.values()) >= cfg.scale.num_workers
+    check_resources(cfg, types[head]["resources"]["CPU"] + sum(t["min_workers"] * t["resources"]["CPU"]
+                                                              for t in workers.values()))
+
+
+def test_launcher_images_pin_the_projects_ray():
+    docker = LAUNCHER["docker"]
+    assert ray_image(docker["head_image"], gpu=False)
+    assert ray_image(docker["worker_image"], gpu=True)
+    assert ray_image(docker["image"], gpu=False) or ray_image(docker["image"], gpu=True)
+
+
+def test_launcher_installs_the_synced_project_on_every_node():
+    repo_at = [remote for remote, local in LAUNCHER["file_mounts"].items() if local == "."]
+    assert len(repo_at) == 1, "file_mounts must sync the repository (local path '.') to one folder"
+    installs = [c for c in LAUNCHER["setup_commands"] if "pip install" in c]
+    assert installs, "no setup command installs the project"
+    cd, pip = (shlex.split(part) for part in installs[0].split("&&"))
+    assert cd == ["cd", repo_at[0]]
+    assert pip[:2] == ["pip", "install"] and "-c" in pip and "-e" in pip
+    assert pip[pip.index("-c") + 1] == "constraints.txt" and pip[pip.index("-e") + 1] == "."
+    assert not LAUNCHER.get("head_setup_commands") and not LAUNCHER.get("worker_setup_commands")
+
+
+def test_launcher_turns_token_auth_on_everywhere_and_keeps_the_dashboard_on_loopback():
+    token = [remote for remote, local in LAUNCHER["file_mounts"].items() if local == "~/.ray/auth_token"]
+    assert token == ["/home/ray/.ray/auth_token"], "the token made locally must reach ~/.ray of the ray user"
+    head = [c for c in LAUNCHER["head_start_ray_commands"] if "ray start" in c]
+    workers = [c for c in LAUNCHER["worker_start_ray_commands"] if "ray start" in c]
+    assert head and workers
+    for command in head + workers:
+        assert "RAY_AUTH_MODE=token ray start" in " ".join(command.split()), command
+    assert "--dashboard-host=127.0.0.1" in shlex.split(head[0])
+
+
+def test_launcher_mounts_shared_storage_at_the_same_path_in_every_container():
+    assert f"-v {SHARED}:{SHARED}" in LAUNCHER["docker"]["run_options"]
+    assert not LAUNCHER["docker"].get("head_run_options") and not LAUNCHER["docker"].get("worker_run_options")
+    assert any(re.search(rf"\bmount\b.*\s{SHARED}\b", " ".join(c.split())) for c in LAUNCHER["initialization_commands"])
+
+
+# --- KubeRay --------------------------------------------------------------------------------------------------------
+
+RAYCLUSTER = doc("kuberay/raycluster.yaml", "RayCluster")
+RAYJOB = doc("kuberay/rayjob.yaml", "RayJob")
+SPECS = {"RayCluster": RAYCLUSTER["spec"], "RayJob": RAYJOB["spec"]["rayClusterSpec"]}
+PVC = doc("kuberay/shared-storage.yaml", "PersistentVolumeClaim")
+
+
+def pods(spec: dict) -> list[tuple[str, dict, int]]:
+    """(group, pod spec, pod count) of the head and each worker group."""
+    out = [("head", spec["headGroupSpec"]["template"]["spec"], 1)]
+    return out + [(g["groupName"], g["template"]["spec"], g["replicas"]) for g in spec["workerGroupSpecs"]]
+
+
+def gpus(container: dict) -> int:
+    return int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
+
+
+def test_kuberay_kinds_versions_images_and_auth():
+    assert RAYCLUSTER["apiVersion"] == RAYJOB["apiVersion"] == "ray.io/v1"
+    for kind, spec in SPECS.items():
+        assert spec["rayVersion"] == PINS["ray"], kind
+        assert spec["authOptions"]["mode"] == "token", kind
+        for group, pod, _ in pods(spec):
+            ray = pod["containers"][0]
+            assert ray_image(ray["image"], gpu=gpus(ray) > 0), f"{kind} {group}: {ray['image']}"
+        workers = spec["workerGroupSpecs"]
+        assert any(gpus(g["template"]["spec"]["containers"][0]) >= 1 for g in workers), f"{kind}: no GPU group"
+        for g in workers:
+            assert g["minReplicas"] <= g["replicas"] <= g["maxReplicas"], g["groupName"]
+
+
+def test_kuberay_pods_mount_the_shared_claim_at_the_same_path():
+    assert PVC["spec"]["accessModes"] == ["ReadWriteMany"], "pods on several nodes write the shared volume"
+    shell = doc("kuberay/shared-storage.yaml", "Pod")["spec"]
+    for kind, spec in [*SPECS.items(), ("shell", None)]:
+        for group, pod, _ in pods(spec) if spec else [("shell", shell, 1)]:
+            claims = {v["name"] for v in pod["volumes"]
+                      if v.get("persistentVolumeClaim", {}).get("claimName") == PVC["metadata"]["name"]}
+            mounts = {m["name"]: m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
+            assert [mounts.get(name) for name in claims] == [SHARED], f"{kind} {group}: {claims}, {mounts}"
+
+
+def install_command(container: dict) -> str:
+    return " ".join(container["command"] + container.get("args", []))
+
+
+def test_kuberay_pods_install_the_code_from_the_shared_volume():
+    for kind, spec in SPECS.items():
+        for group, pod, _ in pods(spec):
+            command = install_command(pod["containers"][0])
+            # KubeRay runs `<command> && ulimit -n 65536; ray start ...` in bash: it must stay valid there.
+            check = subprocess.run(["bash", "-n", "-c", f"{command} && ulimit -n 65536; ray start --head"],
+                                   capture_output=True, text=True)
+            assert check.returncode == 0, f"{kind} {group}: {check.stderr}"
+            pip = shlex.split(command.split("flock", 1)[1].split("||")[0])
+            assert pip[pip.index("pip") + 1] == "install", command
+            code = pip[pip.index("-e") + 1]
+            assert code.startswith(SHARED + "/") and pip[pip.index("-c") + 1] == f"{code}/constraints.txt"
+
+
+def test_kuberay_mlflow_uri_names_the_mlflow_service_and_an_allowed_host():
+    services = {d["metadata"]["name"]: d for d in docs("mlflow/mlflow-server.yaml") if d["kind"] == "Service"}
+    allowed = mlflow_args(k8s_container("mlflow")["args"][0]).params["allowed_hosts"].split(",")
+    for kind, spec in SPECS.items():
+        for group, pod, _ in pods(spec):
+            env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+            host = env["MLFLOW_TRACKING_URI"].removeprefix("http://")
+            name, port = host.split(":")
+            assert int(port) in [p["port"] for p in services[name]["spec"]["ports"]], f"{kind} {group}: {host}"
+            assert any(fnmatch.fnmatch(host, a) for a in allowed), f"MLflow's --allowed-hosts refuse {host}"
+
+
+def test_rayjob_entrypoint_runs_the_pipeline_on_the_cluster_it_creates():
+    entrypoint = RAYJOB["spec"]["entrypoint"]
+    # KubeRay pastes the entrypoint into the submitter's shell line, where these would split it.
+    assert not re.search(r"&&|\|\||;|\|", entrypoint), entrypoint
+    assert RAYJOB["spec"]["shutdownAfterJobFinishes"] is True
+    code = shlex.split(install_command(SPECS["RayJob"]["headGroupSpec"]["template"]["spec"]["containers"][0])
+                       .split("flock", 1)[1].split("||")[0])
+    cfg = check_cluster_run(entrypoint, code_at=code[code.index("-e") + 1])
+    assert cfg.scale.use_gpu
+    groups = pods(SPECS["RayJob"])
+    assert sum(n * gpus(pod["containers"][0]) for _, pod, n in groups) >= cfg.scale.num_workers
+    for group, pod, _ in groups:  # a Train worker takes 1 GPU and cpus_per_worker CPUs of one pod
+        ray = pod["containers"][0]
+        assert cpus(ray["resources"]["limits"]["cpu"]) >= gpus(ray) * cfg.scale.cpus_per_worker, group
+    check_resources(cfg, sum(n * cpus(pod["containers"][0]["resources"]["limits"]["cpu"]) for _, pod, n in groups))
+
+
+def test_readme_pipeline_commands_parse_build_and_use_shared_storage():
+    text = (CLUSTER / "README.md").read_text().replace("\\\n", " ")
+    blocks = re.findall(r"```bash\n(.*?)```", text, re.S)
+    commands = [line.split("#")[0] for b in blocks for line in b.splitlines() if "-m pipelines" in line]
+    assert len(commands) >= 3
+    for command in commands:
+        check_cluster_run(command)
+
+
+# --- MLflow server ----------------------------------------------------------------------------------------------------
+
+def k8s_container(name: str) -> dict:
+    deployment = next(d for d in docs("mlflow/mlflow-server.yaml") if d["kind"] == "Deployment"
+                      and d["metadata"]["name"] == name)
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def mlflow_args(command: str):
+    """Parses the `mlflow server` part of a shell command with the installed MLflow's own CLI."""
+    from mlflow.cli import server
+
+    part = next(p for p in command.split("&&") if "mlflow server" in p)
+    tokens = shlex.split(part)
+    return server.make_context("server", tokens[tokens.index("server") + 1:])
+
+
+COMPOSE = doc("mlflow/docker-compose.yaml")
+SERVERS = {"compose": (COMPOSE["services"]["mlflow"]["image"], COMPOSE["services"]["mlflow"]["command"][0]),
+           "kubernetes": (k8s_container("mlflow")["image"], k8s_container("mlflow")["args"][0])}
+
+
+@pytest.mark.parametrize("where", SERVERS)
+def test_mlflow_server_uses_postgres_and_s3_in_mlflow_3(where):
+    image, command = SERVERS[where]
+    tag = image.split(":v")[1]
+    assert image.startswith("ghcr.io/mlflow/mlflow:v") and tag.split(".")[0] == version("mlflow").split(".")[0] == "3"
+    install = shlex.split(command.split("&&")[0])
+    assert install[:2] == ["pip", "install"] and {"psycopg2-binary", "boto3"} <= set(install)
+    params = mlflow_args(command).params
+    assert params["backend_store_uri"].startswith("postgresql://")
+    assert params["artifacts_destination"].startswith("s3://") and params["serve_artifacts"]
+    assert params["host"] == "0.0.0.0" and params["port"] == 5000
+
+
+def test_kubernetes_mlflow_wiring_services_env_and_secret_placeholders():
+    secret = doc("mlflow/secret.example.yaml", "Secret")
+    objects = docs("mlflow/mlflow-server.yaml")
+    deployments = [d for d in objects if d["kind"] == "Deployment"]
+    for d in deployments:
+        spec = d["spec"]["template"]["spec"]
+        for c in spec.get("initContainers", []) + spec["containers"]:
+            env = {e["name"]: e for e in c.get("env", [])}
+            for var in re.findall(r"\$\{?([A-Za-z_]\w*)", " ".join(c.get("args", []))):
+                assert var in env, f"{c['name']} uses ${var}, which its env does not set"
+            for e in env.values():
+                if "valueFrom" in e:
+                    ref = e["valueFrom"]["secretKeyRef"]
+                    assert ref["name"] == secret["metadata"]["name"] and ref["key"] in secret["stringData"]
+    assert all(v == "CHANGE_ME" for k, v in secret["stringData"].items() if "PASSWORD" in k)
+    ports = {(d["spec"]["template"]["metadata"]["labels"]["app"], p["containerPort"]) for d in deployments
+             for p in d["spec"]["template"]["spec"]["containers"][0]["ports"]}
+    services = {d["metadata"]["name"]: d["spec"] for d in objects if d["kind"] == "Service"}
+    for name, spec in services.items():
+        assert all((spec["selector"]["app"], p["targetPort"]) in ports for p in spec["ports"]), name
+    mlflow = k8s_container("mlflow")
+    backend = mlflow_args(mlflow["args"][0]).params["backend_store_uri"]
+    s3 = next(e["value"] for e in mlflow["env"] if e["name"] == "MLFLOW_S3_ENDPOINT_URL")
+    for host, port in [backend.split("@")[1].split("/")[0].split(":"), s3.removeprefix("http://").split(":")]:
+        assert int(port) in [p["port"] for p in services[host]["ports"]], f"{host}:{port} is no Service"
+
+
+def test_compose_wiring_loopback_ports_and_env_placeholders():
+    services = COMPOSE["services"]
+    example = dict(line.split("=", 1) for line in (CLUSTER / "mlflow" / ".env.example").read_text().splitlines()
+                   if line and not line.startswith("#"))
+    used = set(re.findall(r"\$\{(\w+)", (CLUSTER / "mlflow" / "docker-compose.yaml").read_text()))
+    assert used <= set(example), f"compose reads {used - set(example)}, which .env.example does not list"
+    assert all(v == "CHANGE_ME" for k, v in example.items() if "PASSWORD" in k)
+    assert example["MLFLOW_BIND"] == "127.0.0.1"
+    for name, service in services.items():
+        for published in service.get("ports", []):
+            assert published.startswith(("127.0.0.1:", "${MLFLOW_BIND:-127.0.0.1}:")), f"{name}: {published}"
+        env = service.get("environment", {})
+        for var in re.findall(r"\$\$\{?(\w+)", " ".join(service.get("command", []))):
+            assert var in env, f"{name} uses $${var}, which its environment does not set"
+    backend = mlflow_args(services["mlflow"]["command"][0].replace("$$", "$")).params["backend_store_uri"]
+    assert backend.split("@")[1].split(":")[0] in services
+    assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"].split("//")[1].split(":")[0] in services
+    ignored = (CLUSTER / "mlflow" / ".gitignore").read_text().split()
+    assert {".env", "secret.yaml"} <= set(ignored)
