@@ -406,6 +406,11 @@ class Config:
         if self.model.conditional or self.model.semi_supervised:
             _check(not self.data.is_points, "model.conditional", "needs labelled image data",
                    self.data.source)
+        if not self.data.is_points:
+            # Fewer samples than feature dimensions leave FID's covariance singular: the number means nothing.
+            features = INCEPTION_FEATURES if self.eval.inception_weights else EVALUATOR_FEATURES
+            _check(self.eval.num_samples >= features, "eval.num_samples",
+                   f"must be >= the feature dimension {features} for a meaningful FID", self.eval.num_samples)
         if self.tune.enabled:
             self._check_space()
 
@@ -424,11 +429,6 @@ class Config:
                     extra = f" with {cond}" if cond else ""
                     raise ConfigError(f"tune.space.{key}: {kind} value {value!r}{extra} gives an invalid config: "
                                       f"{err}") from err
-        if not self.data.is_points:
-            # Fewer samples than feature dimensions leave FID's covariance singular: the number means nothing.
-            features = INCEPTION_FEATURES if self.eval.inception_weights else EVALUATOR_FEATURES
-            _check(self.eval.num_samples >= features, "eval.num_samples",
-                   f"must be >= the feature dimension {features} for a meaningful FID", self.eval.num_samples)
 
 
 def _field_type(cls: type, name: str) -> Any:

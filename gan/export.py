@@ -41,3 +41,22 @@ def served_generator(G: nn.Module, *, z_dim: int, points: bool, scale: float, co
     """The generator as registered: G's conditioning input is kept only for conditional models."""
     return ServedGenerator(G, z_dim=z_dim, points=points, scale=scale,
                            num_classes=num_classes if conditional else 0)
+
+
+class ModelRangeView(nn.Module):
+    """A served generator seen as a training-time G again: images mapped back to [-1, 1], 2-D points left in data
+    units (score them with scale 1), so the evaluation code scores a registered model exactly like a checkpoint."""
+
+    def __init__(self, served: nn.Module, *, points: bool):
+        super().__init__()
+        self.served = served
+        self.points = points
+
+    def train(self, mode: bool = True) -> ModelRangeView:
+        # An exported (pt2) module is frozen in eval mode and refuses train()/eval(); only this wrapper flips.
+        self.training = mode
+        return self
+
+    def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        out = self.served(z) if y is None else self.served(z, y)
+        return out if self.points else out * 2.0 - 1.0

@@ -20,6 +20,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                      help="override a config value by its dotted name, e.g. optim.lr_g=1e-4 (repeatable)")
     run.add_argument("--workdir", default="runs", help="folder of the MLflow store and Ray checkpoints")
+    evaluate = sub.add_parser("evaluate", help="score a registered generator on a config's data and evaluator")
+    evaluate.add_argument("--model", required=True, help="model URI, e.g. models:/gan-mnist@champion")
+    evaluate.add_argument("--config", required=True, help="the YAML preset whose data and eval settings to use")
+    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                          help="override a config value (repeatable)")
+    evaluate.add_argument("--workdir", default="runs", help="folder of the MLflow store")
     sample = sub.add_parser("sample", help="draw images from a registered generator into a PNG grid")
     sample.add_argument("--model", required=True, help="model URI, e.g. models:/gan-mnist@champion")
     sample.add_argument("-n", "--num", type=int, default=64, help="how many images (default 64)")
@@ -86,6 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     from pipelines.stages import StageError
 
     try:
+        if args.command == "evaluate":
+            from pipelines.workflow import evaluate_registered
+
+            _init_ray()
+            out = evaluate_registered(cfg, Path(args.workdir), args.model)
+            print(f"[evaluate] {args.model}: {json.dumps({k: round(v, 4) for k, v in sorted(out['metrics'].items())})}")
+            return 0
         out = run(cfg, Path(args.workdir))
     except StageError as err:
         print(f"[pipeline] FAILED: {err}", file=sys.stderr)

@@ -23,7 +23,7 @@ from gan.evaluate import (
     score_images,
     score_points,
 )
-from gan.export import served_generator
+from gan.export import ModelRangeView, served_generator
 from gan.metrics import evaluator_meta, load_evaluator, load_inception, real_floor, save_evaluator, train_evaluator
 from gan.metrics.semi_supervised import semi_supervised_metrics
 from pipelines import ray_train
@@ -242,3 +242,27 @@ def register_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], trained: 
                 f"{'the new champion' if champion == version else f'challenger; champion stays version {champion}'}")
         return out
     return run_stage(ctx, "register", body, tags={"dataset_hash": dataset["dataset_hash"]})
+
+
+def evaluate_model_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator: dict[str, Any],
+                         model_uri: str) -> dict[str, Any]:
+    """Scores a logged or registered generator (`models:/gan-mnist@champion`) like the evaluate stage scores a
+    checkpoint: the same evaluator, sample count and seeded latents give the same numbers."""
+    def body(run_id: str) -> dict[str, Any]:
+        served, shapes, metadata = ctx.tracker.load_generator(model_uri)
+        points = bool(metadata.get("points"))
+        G = ModelRangeView(served, points=points)
+        num_classes = int(metadata.get("num_classes") or 0)
+        scoring = replace(cfg, model=replace(cfg.model, z_dim=shapes[0][1], conditional=len(shapes) > 1))
+        if points:
+            metrics = score_points(G, scoring, 1.0)[0]
+        else:
+            x_train, _ = read_split(dataset["dataset_dir"], "train", verify=False)
+            sized = replace(scoring, eval=replace(cfg.eval, num_samples=min(cfg.eval.num_samples, len(x_train))))
+            metrics = score_images(G, sized, num_classes, x_train, load_evaluator(evaluator["evaluator_dir"]))
+            metrics.update(evaluator.get("floor") or {})
+        ctx.tracker.log_metrics(run_id, metrics, step=0)
+        ctx.log(f"[evaluate] {model_uri}: {json.dumps({k: round(v, 4) for k, v in sorted(metrics.items())})}")
+        return {"metrics": metrics, "model_uri": model_uri, "evaluator_id": evaluator.get("evaluator_id")}
+    return run_stage(ctx, "evaluate", body, tags={"model_uri": model_uri, "dataset_hash": dataset["dataset_hash"],
+                                                   "evaluator_id": str(evaluator.get("evaluator_id"))})

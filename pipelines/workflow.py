@@ -17,6 +17,7 @@ from gan.config import Config, flatten, from_dict, to_dict
 from pipelines.stages import (
     Context,
     StageError,
+    evaluate_model_stage,
     evaluate_stage,
     evaluator_stage,
     prepare_stage,
@@ -136,3 +137,25 @@ def run_pipeline(cfg: Config, workdir: str | Path, *, log: Callable[[str], None]
     tracker.end_run(parent, "FINISHED")
     log(f"[pipeline] finished in {time.perf_counter() - start:.1f}s")
     return {"pipeline_run_id": parent, **{OUTPUT_NAMES[n]: v for n, v in done.items()}}
+
+
+def evaluate_registered(cfg: Config, workdir: str | Path, model_uri: str, *,
+                        log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Scores a registered (or logged) generator on `cfg`'s data and evaluator: prepare and evaluator are reused
+    from earlier runs when their inputs match, then the model is scored in its own MLflow run."""
+    workdir = Path(workdir).resolve()
+    cfg = absolute_paths(cfg)
+    tracker = Tracker(default_tracking_uri(workdir))
+    parent = tracker.start_run(cfg.name, f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}",
+                               tags={"stage": "pipeline", "model_uri": model_uri})
+    ctx = Context(workdir=workdir, tracker=tracker, experiment=cfg.name, parent_run_id=parent, log=log)
+    try:
+        done: dict[str, dict[str, Any]] = {}
+        for name in ("prepare", "evaluator"):
+            done[name] = run_stage_task(ctx, cfg, name, done)
+        out = evaluate_model_stage(ctx, cfg, done["prepare"], done["evaluator"], model_uri)
+    except BaseException as err:
+        tracker.end_run(parent, "FAILED", error=f"{type(err).__name__}: {err}")
+        raise
+    tracker.end_run(parent, "FINISHED")
+    return out

@@ -21,7 +21,7 @@ from pipelines import cli
 from pipelines.registry import CHAMPION
 from pipelines.stages import StageError
 from pipelines.tracking import Tracker, default_tracking_uri
-from pipelines.workflow import STAGES, run_pipeline
+from pipelines.workflow import STAGES, evaluate_registered, run_pipeline
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -81,6 +81,11 @@ def test_pipeline_registers_once_and_a_rerun_reuses_every_stage(ray_session, tmp
     with torch.no_grad():
         expected = gens["G_ema"](z) * extra["scale"]
     np.testing.assert_allclose(points, expected.numpy(), rtol=1e-4, atol=1e-5)
+
+    # The registered model scored again from its URI gives the evaluate stage's numbers.
+    scored = evaluate_registered(cfg, workdir, "models:/gan-wf@champion", log=lines.append)
+    for key in ("eval/modes_covered", "eval/high_quality", "eval/reverse_kl"):
+        assert scored["metrics"][key] == pytest.approx(out["evaluated"]["metrics"][key], abs=2e-3), key
 
     # A gate the model cannot pass: only the register stage runs again, it fails, nothing is registered.
     gated = load_config(ROOT / "configs/ring8.yaml", [*ring8_overrides(tmp_path, "wf"), "register.max_fid=1e-9"])

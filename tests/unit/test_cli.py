@@ -13,6 +13,10 @@ from pipelines.ray_train import check_resources
     (["data.source=imagenet"], "data.source must be one of"),
     (["train.batch_size=63"], "train.batch_size must be divisible by scale.num_workers=2"),
     (["loss.kind=nope"], "loss.kind must be one of"),
+    (["model.family=transformer"], "model.family must be one of"),
+    (["optim.lr_d=0"], "optim.lr_d must be > 0, got 0.0"),
+    (["eval.num_samples=100"], "eval.num_samples must be >= the feature dimension 128"),
+    (["data.rezolution=28"], "unknown key 'data.rezolution'"),
 ])
 def test_bad_config_exits_2_naming_the_key(overrides, message, capsys, monkeypatch):
     started = []

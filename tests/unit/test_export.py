@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from gan.config import ModelConfig
-from gan.export import served_generator
+from gan.export import ModelRangeView, served_generator
 from gan.models import build_models
+from gan.samples import generate
 
 
 def _served(conditional: bool, points: bool = False):
@@ -60,3 +61,22 @@ def test_torch_export_keeps_the_batch_dimension_dynamic(conditional):
     z = torch.randn(7, 8)
     extra = (torch.arange(7) % 10,) if conditional else ()
     torch.testing.assert_close(exported(z, *extra), served(z, *extra))
+
+
+@pytest.mark.parametrize("points", [False, True])
+def test_the_model_range_view_of_a_served_generator_is_g_again(points):
+    G, served = _served(conditional=False, points=points)
+    (z,) = served.example_inputs(batch=5)
+    z = torch.from_numpy(z)
+    with torch.no_grad():
+        expected = G.eval()(z) * (1.5 if points else 1.0)
+        torch.testing.assert_close(ModelRangeView(served, points=points)(z), expected)
+
+
+def test_the_view_scores_an_exported_module_which_refuses_train_and_eval():
+    _, served = _served(conditional=False)
+    inputs = tuple(torch.from_numpy(x) for x in served.example_inputs())
+    exported = torch.export.export(served, inputs, dynamic_shapes=({0: torch.export.Dim("batch")},)).module()
+    view = ModelRangeView(exported, points=False)
+    z = torch.randn(3, 8)
+    torch.testing.assert_close(generate(view, z), served(z) * 2 - 1)
