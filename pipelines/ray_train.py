@@ -211,6 +211,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         resume = checkpoint.to_directory(tempfile.mkdtemp(prefix="gan-resume-"))
         _use_config_optim(resume, cfg)
+    if rank == 0 and loop_config.get("placement_group_file"):
+        group = ray.util.get_current_placement_group()
+        Path(loop_config["placement_group_file"]).write_text(group.id.hex() if group else "")
     scores = None
     if cfg.train.scores:
         scores = _Scores(cfg, rank, world_size, loop_config["dataset_dir"], loop_config.get("evaluator_dir"))
@@ -262,22 +265,32 @@ def check_resources(cfg: Config, available_cpus: float) -> None:
             f"read tasks; lower scale.cpus_per_worker (fractions are fine) or add CPUs")
 
 
-def _train_dataset(cfg: Config, manifest: Any) -> ray.data.Dataset:
+def _train_dataset(cfg: Config, manifest: Any, *, in_memory: bool = False) -> ray.data.Dataset:
     """The training split as a Ray Dataset; for a semi-supervised GAN only `model.labels` rows keep a label
-    (chosen once here, so every worker and every epoch sees the same labelled subset)."""
+    (chosen once here, so every worker and every epoch sees the same labelled subset).
+
+    `in_memory` reads the shards here and hands Ray Data the table, so its execution runs no read tasks. Concurrent
+    Train runs (a search's trials) need that: Ray Data's autoscaling coordinator splits the CPUs left over by every
+    live Train run's reservation evenly among the running datasets, rounded down to whole CPUs, so on 2 CPUs two
+    trials' read tasks each get 0 and never run."""
     paths = shard_paths(manifest, "train")
-    if not cfg.model.semi_supervised:
+    if not cfg.model.semi_supervised and not in_memory:
         return ray.data.read_parquet(paths).select_columns(["x", "y"])
     table = pa.concat_tables([pq.read_table(p, columns=["x", "y"]) for p in paths])
-    y = keep_labels(table.column("y").to_numpy(), cfg.model.labels, cfg.train.seed)
-    return ray.data.from_arrow(table.set_column(1, "y", pa.array(y)))
+    if cfg.model.semi_supervised:
+        y = keep_labels(table.column("y").to_numpy(), cfg.model.labels, cfg.train.seed)
+        table = table.set_column(1, "y", pa.array(y))
+    return ray.data.from_arrow(table)
 
 
 def build_trainer(cfg: Config, dataset_dir: str | Path, *, storage_path: str | Path, tracking: Tracking | None = None,
                   max_failures: int = 1, faults: dict[str, Any] | None = None, run_name: str | None = None,
                   evaluator_dir: str | Path | None = None, resume_from: str | None = None,
-                  callbacks: list[Any] | None = None) -> TorchTrainer:
-    """The TorchTrainer of one run; with train.fid_every_kimg on, Ray keeps the best-scoring checkpoints."""
+                  callbacks: list[Any] | None = None, in_memory_data: bool = False,
+                  placement_group_file: str | None = None) -> TorchTrainer:
+    """The TorchTrainer of one run; with train.fid_every_kimg on, Ray keeps the best-scoring checkpoints.
+    `in_memory_data`: see _train_dataset (for runs that share the cluster with other runs). `placement_group_file`:
+    rank 0 writes its workers' placement group id there, for a caller that may have to remove it."""
     manifest = load_manifest(dataset_dir)
     if cfg.train.scores and not cfg.data.is_points and evaluator_dir is None:
         raise ConfigError(f"train.fid_every_kimg={cfg.train.fid_every_kimg:g} scores images with the evaluator: "
@@ -292,13 +305,13 @@ def build_trainer(cfg: Config, dataset_dir: str | Path, *, storage_path: str | P
         train_loop_config={"config": to_dict(cfg), "dataset_dir": str(Path(dataset_dir).resolve()),
                            "tracking": tracking.__dict__ if tracking else None, "faults": faults or {},
                            "evaluator_dir": str(Path(evaluator_dir).resolve()) if evaluator_dir else None,
-                           "resume_from": resume_from},
+                           "resume_from": resume_from, "placement_group_file": placement_group_file},
         scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name or cfg.name, storage_path=str(Path(storage_path).resolve()),
                              failure_config=FailureConfig(max_failures=max_failures), checkpoint_config=keep,
                              callbacks=callbacks, logging_config=LoggingConfig(log_level="WARNING")),
-        datasets={"train": _train_dataset(cfg, manifest)},
+        datasets={"train": _train_dataset(cfg, manifest, in_memory=in_memory_data)},
     )
 
 
