@@ -51,7 +51,7 @@ def stage_inputs(cfg: Config, name: str, upstream: dict[str, dict[str, Any]]) ->
         return [dataset_hash, plain["eval"]["evaluator_epochs"], plain["eval"]["seed"], plain["eval"]["num_samples"]]
     if name == "train":
         training = {k: v for k, v in plain.items() if k not in ("name", "data", "eval", "register")}
-        return [dataset_hash, upstream["evaluator"].get("evaluator_id"), plain["data"]["cache_mb"], training]
+        return [dataset_hash, upstream["evaluator"].get("evaluator_id"), training]
     if name == "evaluate":
         return [upstream["train"]["checkpoint_dir"], upstream["evaluator"].get("evaluator_id"), plain["eval"]]
     if name == "register":

@@ -89,8 +89,11 @@ def test_asha_search_stops_weak_trials_and_survives_a_diverging_one(ray_session,
             assert "NonFiniteLossError" in run.data.tags["error"]
         else:
             assert run.info.status == "FINISHED"
-            fids = ctx.tracker.metric_history(run.info.run_id, FID)
-            assert fids and min(m.value for m in fids) == pytest.approx(trials[trial_id]["best_metric"])
+            # Rank 0 logs a score to MLflow before reporting it, so a trial ASHA stops at that moment has one more
+            # score in MLflow than Tune saw: Tune's best is one of the logged scores, not always their minimum.
+            fids = [m.value for m in ctx.tracker.metric_history(run.info.run_id, FID)]
+            assert any(v == pytest.approx(trials[trial_id]["best_metric"]) for v in fids), (fids, trials[trial_id])
+            assert trials[trial_id]["best_metric"] >= min(fids) - 1e-9
             assert ctx.tracker.artifact_paths(run.info.run_id, "samples")
 
     finished = [t for t in trials.values() if t["status"] != "diverged"]
