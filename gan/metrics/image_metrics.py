@@ -20,6 +20,11 @@ from gan.samples import generate
 
 log = logging.getLogger(__name__)
 
+# Every metric here scores features this process holds. torchmetrics would otherwise all-gather its states
+# whenever torch.distributed is initialised: inside a DDP worker group (rank 0 scoring a checkpoint in training)
+# that waits forever for ranks that never compute the metric.
+LOCAL = {"sync_on_compute": False}
+
 SampleFn = Callable[[int, torch.Generator], Tensor]
 """`sample_fn(n, generator)` -> n images (n, C, H, W) in the model range [-1, 1], drawn with `generator`."""
 
@@ -91,7 +96,7 @@ def _check_feats(real: Tensor, fake: Tensor) -> None:
 def fid_from_features(real: Tensor, fake: Tensor) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (N, D), computed by torchmetrics in float64."""
     _check_feats(real, fake)
-    metric = FrechetInceptionDistance(feature=_Identity(real.shape[1]), normalize=False)
+    metric = FrechetInceptionDistance(feature=_Identity(real.shape[1]), normalize=False, **LOCAL)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     return float(metric.compute())
@@ -104,7 +109,8 @@ def kid_from_features(real: Tensor, fake: Tensor, *, subsets: int = 100, subset_
     _check_feats(real, fake)
     size = min(subset_size, len(real), len(fake))
     with _quiet():
-        metric = KernelInceptionDistance(feature=_Identity(real.shape[1]), subsets=subsets, subset_size=size)
+        metric = KernelInceptionDistance(feature=_Identity(real.shape[1]), subsets=subsets, subset_size=size,
+                                          **LOCAL)
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     with torch.random.fork_rng(devices=[]):
@@ -117,7 +123,7 @@ def is_from_logits(logits: Tensor) -> float:
     """Inception score exp(E_x KL(p(y|x) || p(y))) of softmax(logits), over all samples at once (one split).
     normalize=False: with True, torchmetrics would turn these float inputs into bytes."""
     with _quiet():
-        metric = InceptionScore(feature=_Identity(logits.shape[1]), splits=1, normalize=False)
+        metric = InceptionScore(feature=_Identity(logits.shape[1]), splits=1, normalize=False, **LOCAL)
         metric.update(logits.double())
         with torch.random.fork_rng(devices=[]):  # compute() shuffles with the global RNG; one split makes it moot
             score, _ = metric.compute()

@@ -43,7 +43,9 @@ def digits(tmp_path_factory):
 def test_in_training_fid_picks_the_best_checkpoint_not_the_last(ray_session, stage_context, tmp_path, digits):
     ctx = stage_context
     dataset_dir, evaluator_dir = digits
-    cfg = digits_cfg(tmp_path, "name=digits-fid", "train.kimg=1.5", "optim.lr_g=0.003", "optim.lr_d=0.003")
+    # 2 DDP workers: rank 0 scores alone while torch.distributed is up (torchmetrics must not sync).
+    cfg = digits_cfg(tmp_path, "name=digits-fid", "train.kimg=1.5", "optim.lr_g=0.003", "optim.lr_d=0.003",
+                     "scale.num_workers=2")
     run_id = ctx.tracker.start_run("tests", "train")
     out = ray_train.train(cfg, dataset_dir, storage_path=tmp_path / "ray", evaluator_dir=evaluator_dir,
                           tracking=ray_train.Tracking(ctx.tracker.tracking_uri, run_id))

@@ -265,3 +265,41 @@ def test_inception_features_and_logits_from_a_local_state_dict(inception_file):
                               torch.randint(0, 256, (5, 1, 28, 28), dtype=torch.uint8), net,
                               num_samples=5, batch_size=5)
     assert list(metrics) == [f"eval/{k}_5" for k in KEYS] and all(np.isfinite(v) for v in metrics.values())
+
+
+def _score_on_rank_zero_only(rank: int, port: int, done, results) -> None:
+    """A DDP-like group of 2 where only rank 0 computes metrics, as when it scores a checkpoint in training."""
+    import datetime
+
+    import torch.distributed as dist
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+    try:
+        if rank == 0:
+            feats = torch.randn(64, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+            results.put((fid_from_features(feats, feats + 1.0), is_from_logits(feats),
+                         kid_from_features(feats, feats, subset_size=32)[0]))
+            done.set()
+        else:
+            done.wait(30)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_metrics_inside_a_process_group_score_locally_without_waiting_for_other_ranks():
+    import socket
+
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    done, results = ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_score_on_rank_zero_only, args=(r, port, done, results)) for r in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+    assert [p.exitcode for p in procs] == [0, 0]
+    fid, score, kid = results.get(timeout=1)
+    assert fid == pytest.approx(4.0, abs=1e-6) and score >= 1.0 and np.isfinite(kid)
