@@ -243,14 +243,24 @@ def _use_config_optim(directory: str, cfg: Config) -> None:
 class ForwardReports(UserCallback):
     """Hands every report (rank 0's metrics and the persisted checkpoint's path) to a Ray queue and waits for the
     consumer's ack, so the checkpoint is not deleted (num_to_keep) before the consumer has copied it. A Tune
-    trainable uses it to report Tune checkpoints, which TuneReportCallback does not (it forwards only the path)."""
+    trainable uses it to report Tune checkpoints, which TuneReportCallback does not (it forwards only the path).
+
+    An ack of STOP, or queues that died with their owner, mean the consumer is gone (Tune stopped the trial): the
+    run is aborted the way Ctrl+C aborts a driver's, instead of failing its control loop on the dead queues."""
+
+    STOP = "stop"
 
     def __init__(self, reports: Any, acks: Any):
         self.reports, self.acks = reports, acks
 
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None) -> None:
-        self.reports.put({"metrics": dict(metrics[0]), "checkpoint": checkpoint.path if checkpoint else None})
-        self.acks.get()
+        try:
+            self.reports.put({"metrics": dict(metrics[0]), "checkpoint": checkpoint.path if checkpoint else None})
+            stop = self.acks.get() == self.STOP
+        except ray.exceptions.RayActorError:
+            stop = True
+        if stop:  # this runs inside the Train controller actor, whose abort() ends the run and its workers
+            ray.get_runtime_context().current_actor.abort.remote()
 
 
 def check_resources(cfg: Config, available_cpus: float) -> None:

@@ -37,6 +37,9 @@ from gan.metrics.in_training import score_key
 from pipelines import ray_train
 from pipelines.tracking import Tracker
 
+STOP_WAIT_S = 20.0
+"""How long a stopped trial waits for its Train run to abort before removing the workers' placement group."""
+
 
 class SearchInterrupted(RuntimeError):
     """The search stopped with trials unfinished; running it again with the same name and storage resumes it."""
@@ -176,11 +179,16 @@ def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
                 item = reports.get(timeout=1.0)
             except Empty:
                 continue
-            if setup["metric"] in item["metrics"] and item["checkpoint"]:
-                rt.report(item["metrics"], checkpoint=rt.Checkpoint.from_directory(item["checkpoint"]))
+            try:
+                if setup["metric"] in item["metrics"] and item["checkpoint"]:
+                    rt.report(item["metrics"], checkpoint=rt.Checkpoint.from_directory(item["checkpoint"]))
+            except BaseException:  # Tune stopped the trial (ASHA, a PBT exploit, an interrupt): SystemExit
+                acks.put(ray_train.ForwardReports.STOP)
+                thread.join(timeout=STOP_WAIT_S)  # the Train run aborts and releases its workers
+                raise
             acks.put(True)
         thread.join()
-    finally:  # also when Tune stops the trial (ASHA, a PBT exploit, an interrupt): rt.report raises SystemExit
+    finally:
         _remove_placement_group(group_file)
     if "error" in box:
         diverged = "NonFiniteLossError" in str(box["error"])
