@@ -16,16 +16,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="prepare data and train on Ray, tracked in MLflow")
-    run.add_argument("--config", required=True, help="YAML preset, e.g. configs/quickstart.yaml")
-    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                     help="override a config value by its dotted name, e.g. optim.lr_g=1e-4 (repeatable)")
-    run.add_argument("--workdir", default="runs", help="folder of the MLflow store and Ray checkpoints")
+    _config_arguments(run, "YAML preset, e.g. configs/quickstart.yaml",
+                      "folder of the MLflow store and Ray checkpoints")
     evaluate = sub.add_parser("evaluate", help="score a registered generator on a config's data and evaluator")
     evaluate.add_argument("--model", required=True, help="model URI, e.g. models:/gan-mnist@champion")
-    evaluate.add_argument("--config", required=True, help="the YAML preset whose data and eval settings to use")
-    evaluate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                          help="override a config value (repeatable)")
-    evaluate.add_argument("--workdir", default="runs", help="folder of the MLflow store")
+    _config_arguments(evaluate, "the YAML preset whose data and eval settings to use", "folder of the MLflow store")
     sample = sub.add_parser("sample", help="draw images from a registered generator into a PNG grid")
     sample.add_argument("--model", required=True, help="model URI, e.g. models:/gan-mnist@champion")
     sample.add_argument("-n", "--num", type=int, default=64, help="how many images (default 64)")
@@ -37,6 +32,13 @@ def _parser() -> argparse.ArgumentParser:
 
     submit_cmd.add_arguments(sub.add_parser("submit", help="run a pipeline command on a Ray cluster (Ray Jobs)"))
     return parser
+
+
+def _config_arguments(parser: argparse.ArgumentParser, config_help: str, workdir_help: str) -> None:
+    parser.add_argument("--config", required=True, help=config_help)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config value by its dotted name, e.g. optim.lr_g=1e-4 (repeatable)")
+    parser.add_argument("--workdir", default="runs", help=workdir_help)
 
 
 def _init_ray() -> None:

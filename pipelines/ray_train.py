@@ -3,6 +3,7 @@ Parquet read through Ray Data, checkpoints (scored in training) reported to Ray,
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import shutil
@@ -187,6 +188,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     faults = loop_config.get("faults") or {}
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
+    _quiet_report_log()
     device = get_device()
     autocast_dtype = None
     if device.type == "cuda":
@@ -226,6 +228,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     finally:
         if resume is not None:
             shutil.rmtree(resume, ignore_errors=True)
+
+
+def _quiet_report_log() -> None:
+    """Ray Train V2 logs every report of every worker at INFO ("Reporting training result ...") under a logger named
+    by its file's path, which LoggingConfig(log_level="WARNING") does not reach; our own progress line says it."""
+    from ray.train.v2._internal.execution import context
+
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
 
 
 def _use_config_optim(directory: str, cfg: Config) -> None:

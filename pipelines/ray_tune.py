@@ -22,18 +22,9 @@ from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.queue import Empty, Queue
 
 from gan.checkpoint import META_FILE
-from gan.config import (
-    PBT_MUTABLE,
-    SPEC_KINDS,
-    Config,
-    ConfigError,
-    applies,
-    apply_overrides,
-    flatten,
-    from_dict,
-    to_dict,
-)
+from gan.config import Config, ConfigError, apply_overrides, flatten, from_dict, to_dict
 from gan.metrics.in_training import score_key
+from gan.tune_space import PBT_MUTABLE, SPEC_KINDS, applies
 from pipelines import ray_train
 from pipelines.tracking import Tracker
 

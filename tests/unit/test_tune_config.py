@@ -2,7 +2,8 @@
 
 import pytest
 
-from gan.config import ConfigError, applies, config_hash, flatten, from_dict, load_config, to_dict
+from gan.config import ConfigError, config_hash, flatten, from_dict, load_config, to_dict
+from gan.tune_space import applies
 
 
 def test_a_yaml_space_parses_numbers_and_turns_the_search_on(tmp_path):
