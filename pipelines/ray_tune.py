@@ -28,9 +28,6 @@ from gan.tune_space import PBT_MUTABLE, SPEC_KINDS, applies
 from pipelines import ray_train
 from pipelines.tracking import Tracker
 
-STOP_WAIT_S = 20.0
-"""How long a stopped trial waits for its Train run to abort before removing the workers' placement group."""
-
 
 class SearchInterrupted(RuntimeError):
     """The search stopped with trials unfinished; running it again with the same name and storage resumes it."""
@@ -174,8 +171,10 @@ def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
                 if setup["metric"] in item["metrics"] and item["checkpoint"]:
                     rt.report(item["metrics"], checkpoint=rt.Checkpoint.from_directory(item["checkpoint"]))
             except BaseException:  # Tune stopped the trial (ASHA, a PBT exploit, an interrupt): SystemExit
+                # This process ends within moments: have the Train run abort, and free its workers ourselves
+                # in case it does not get to it (Train's own cleaner needs the dashboard's State API).
                 acks.put(ray_train.ForwardReports.STOP)
-                thread.join(timeout=STOP_WAIT_S)  # the Train run aborts and releases its workers
+                _remove_placement_group(group_file)
                 raise
             acks.put(True)
         thread.join()
