@@ -184,7 +184,7 @@ def point_lines(rows: dict[str, Row]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("mnist", "2d"), help="run one part only")
-    parser.add_argument("--kimg", type=float, default=240.0, help="images per MNIST preset, in thousands")
+    parser.add_argument("--kimg", type=float, default=480.0, help="images per MNIST preset, in thousands")
     parser.add_argument("--kimg-2d", type=float, default=None, help="images per 2-D preset (default: the preset's)")
     parser.add_argument("--num-samples", type=int, default=10000, help="generated samples per MNIST metric")
     parser.add_argument("--out", type=Path, help="also write the tables and verdicts here as markdown")
