@@ -200,6 +200,27 @@ def _remove_placement_group(group_file: Path) -> None:
         remove_placement_group(group)
 
 
+class _FreeTrialWorkers(rt.Callback):
+    """Removes an ended trial's worker placement groups from the driver: a trial process that Tune ends while it
+    is not inside tune.report (an interrupt, a stop between reports) is killed before it can do so itself."""
+
+    def __init__(self, train_storage: str):
+        self.train_storage = train_storage
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _free_workers(self.train_storage, trial.trial_id)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        _free_workers(self.train_storage, trial.trial_id)
+
+
+def _free_workers(train_storage: str, trial_id: str = "") -> None:
+    """Removes the placement groups recorded for one trial (all trials when empty) and their records."""
+    for group_file in Path(train_storage).glob(f"{trial_id}-*.placement_group" if trial_id else "*.placement_group"):
+        _remove_placement_group(group_file)
+        group_file.unlink(missing_ok=True)
+
+
 class _InterruptOnce(rt.Callback):
     """Test hook: interrupts the search like Ctrl+C once `after` trials have completed (a marker file makes it
     fire once, also across a resume)."""
@@ -230,11 +251,12 @@ def _scheduler(cfg: Config, metric: str) -> Any:
     return FIFOScheduler()  # plain random search: every trial trains to train.kimg
 
 
-def _tuner(cfg: Config, trainable: Any, metric: str, path: Path, concurrent: int, faults: dict[str, Any]) -> Any:
+def _tuner(cfg: Config, trainable: Any, metric: str, path: Path, concurrent: int, faults: dict[str, Any],
+           train_storage: str) -> Any:
     if rt.Tuner.can_restore(str(path)):
         return rt.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
                                 restart_errored=False)
-    callbacks = []
+    callbacks: list[rt.Callback] = [_FreeTrialWorkers(train_storage)]
     if faults.get("interrupt_after_trials"):
         callbacks.append(_InterruptOnce(faults["interrupt_after_trials"], faults["marker"]))
     keep = None if cfg.tune.scheduler == "pbt" else max(2, cfg.train.keep_checkpoints)  # PBT clones old checkpoints
@@ -279,7 +301,10 @@ def tune(cfg: Config, dataset_dir: str | Path, *, evaluator_dir: str | Path | No
              "experiment": tracker.client.get_experiment(experiment_id).name, "search": str(path),
              "metric": metric, "faults": faults or {}}
     trainable = rt.with_resources(rt.with_parameters(_trial, setup=setup), {"CPU": cfg.tune.cpus_per_trial})
-    grid = _tuner(cfg, trainable, metric, path, concurrent, faults or {}).fit()
+    try:
+        grid = _tuner(cfg, trainable, metric, path, concurrent, faults or {}, setup["train_storage"]).fit()
+    finally:  # whatever ended the search, no trial keeps its workers' CPUs
+        _free_workers(setup["train_storage"])
     statuses = {t.trial_id: t.status for t in rt.ExperimentAnalysis(str(path)).trials}
     unfinished = sorted(t for t, s in statuses.items() if s not in ("TERMINATED", "ERROR"))
     if unfinished:
