@@ -207,8 +207,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         ddp = {"broadcast_buffers": False, "gradient_as_bucket_view": True}
         if device.type == "cpu":
             # gloo on CPUs is bound by the number of all-reduces, and busy cores leave no room to overlap them
-            # with the backward: one bucket per model (not DDP's 1 MiB first + 25 MiB ones) measured 1.57x ->
-            # 1.83x for 2 workers over 1 in bench/throughput.py's DCGAN without Ray.
+            # with the backward. One bucket per model (not DDP's 1 MiB first + 25 MiB ones) took 2 workers over 1
+            # from 1.57x to 1.83x for bench/throughput.py's DCGAN under plain torch.distributed (no Ray).
             ddp["bucket_cap_mb"] = CPU_BUCKET_MB
         return prepare_model(module, parallel_strategy_kwargs=ddp)
 
