@@ -40,6 +40,10 @@ class TuneConfig:
     """PBT: kimg between exploit/explore decisions (a multiple of train.fid_every_kimg is sensible)."""
     quantile_fraction: float = 0.25
     """PBT: share of the population that copies the top share's checkpoints."""
+    pbt_synchronous: bool = False
+    """PBT: decide once every live trial has reached the perturbation point, all trials pausing there (each
+    restarts its Ray Train run after the decision), so decisions do not depend on which trial is faster. False
+    decides for each trial as it arrives, against the others' latest scores (asynchronous PBT)."""
     metric: str = ""
     """Metric to minimise; empty: train/fid_<train.fid_samples> for images, train/mode_gap for 2-D data."""
     seed: int = 0

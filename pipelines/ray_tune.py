@@ -247,7 +247,8 @@ def _scheduler(cfg: Config, metric: str) -> Any:
         return PopulationBasedTraining(time_attr="progress/kimg", metric=metric, mode="min",
                                        perturbation_interval=t.perturbation_interval_kimg,
                                        hyperparam_mutations={"space": mutations},
-                                       quantile_fraction=t.quantile_fraction, require_attrs=False)
+                                       quantile_fraction=t.quantile_fraction, synch=t.pbt_synchronous,
+                                       require_attrs=False)
     return FIFOScheduler()  # plain random search: every trial trains to train.kimg
 
 
