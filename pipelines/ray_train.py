@@ -38,12 +38,11 @@ from gan.config import Config, ConfigError, from_dict, to_dict
 from gan.data import decode, keep_labels, load_manifest, shard_paths, to_model_range
 from gan.loop import DataSpec, fit
 from gan.metrics.in_training import CheckpointScorer, score_key
+from gan.parallel import ddp_options
 from gan.samples import save_loss_curves
 from pipelines.tracking import Tracker
 
 SAMPLE_DIR = "samples"
-CPU_BUCKET_MB = 256
-"""DDP gradient bucket on CPU workers: larger than any model that trains sensibly on CPUs, so one all-reduce each."""
 
 
 @dataclass(frozen=True)
@@ -202,15 +201,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     def wrap(module: torch.nn.Module) -> torch.nn.Module:
         if device.type == "cuda" and cfg.model.family == "dcgan":
             module = module.to(memory_format=torch.channels_last)
-        # Buffers are BN statistics, used only at eval time from rank 0's copy: broadcasting them on
-        # every forward (DDP's default) costs a collective per D/G call for nothing.
-        ddp = {"broadcast_buffers": False, "gradient_as_bucket_view": True}
-        if device.type == "cpu":
-            # gloo on CPUs is bound by the number of all-reduces, and busy cores leave no room to overlap them
-            # with the backward. One bucket per model (not DDP's 1 MiB first + 25 MiB ones) took 2 workers over 1
-            # from 1.57x to 1.83x for bench/throughput.py's DCGAN under plain torch.distributed (no Ray).
-            ddp["bucket_cap_mb"] = CPU_BUCKET_MB
-        return prepare_model(module, parallel_strategy_kwargs=ddp)
+        return prepare_model(module, parallel_strategy_kwargs=ddp_options(device.type))
 
     resume = None
     checkpoint = ray.train.get_checkpoint()
