@@ -203,6 +203,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2, help="alternating Ray 1-worker / 2-worker runs")
     parser.add_argument("--data-dir", default="data", help="where the prepared dataset is cached")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds {args.rounds}: at least one round of Ray 1- and 2-worker runs is needed")
     if 2 * args.cpus_per_worker > RAY_CPUS - READ_TASK_CPUS:
         # Ray Data's Parquet read tasks ask for 1 whole CPU: with less left over, two workers hang forever.
         parser.error(f"--cpus-per-worker {args.cpus_per_worker:g}: two workers must leave {READ_TASK_CPUS:g} of "
