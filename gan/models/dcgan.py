@@ -58,25 +58,29 @@ class DCGANGenerator(nn.Module):
 
 
 class DCGANDiscriminator(nn.Module):
-    """Image -> Conv2d(4, 2, 1) stages (d, 2d, 4d, ... channels) -> flatten -> head.
+    """Image -> stages of Conv2d(4, 2, 1) [+ Conv2d(3, 1, 1) ...] (d, 2d, 4d, ... channels) -> flatten -> head.
 
     With d = d_width: 28: (B, d, 14, 14) -> (B, 2d, 7, 7); 32: ... -> (B, 4d, 4, 4); 64: ... -> (B, 8d, 4, 4).
-    BatchNorm on every stage but the first unless `batch_norm` is False (wgan-gp: its gradient penalty is
-    per sample, and BatchNorm mixes the samples of a batch).
+    Each stage has `convs_per_stage` - 1 extra 3x3 stride-1 convs after its stride-2 conv, keeping its
+    channels and resolution. BatchNorm after every conv but the first unless `batch_norm` is False (wgan-gp:
+    its gradient penalty is per sample, and BatchNorm mixes the samples of a batch).
     """
 
     def __init__(self, d_width: int, channels: int, resolution: int, num_classes: int = 0, *,
-                 batch_norm: bool = True, conditional: bool = False, semi_supervised: bool = False):
+                 batch_norm: bool = True, conditional: bool = False, semi_supervised: bool = False,
+                 convs_per_stage: int = 1):
         super().__init__()
         s0, stages = STEM[resolution]
         layers: list[nn.Module] = []
         c_in, c = channels, d_width
         for i in range(stages):  # (B, c_in, s, s) -> (B, c, s/2, s/2)
-            norm = batch_norm and i > 0
-            layers.append(nn.Conv2d(c_in, c, 4, 2, 1, bias=not norm))
-            if norm:
-                layers.append(nn.BatchNorm2d(c))
-            layers.append(nn.LeakyReLU(0.2))
+            for j in range(convs_per_stage):
+                norm = batch_norm and (i > 0 or j > 0)
+                conv = nn.Conv2d(c_in, c, 4, 2, 1, bias=not norm) if j == 0 else nn.Conv2d(c, c, 3, 1, 1, bias=not norm)
+                layers.append(conv)
+                if norm:
+                    layers.append(nn.BatchNorm2d(c))
+                layers.append(nn.LeakyReLU(0.2))
             c_in, c = c, c * 2
         layers.append(nn.Flatten())  # (B, c_in * s0 * s0)
         self.body = nn.Sequential(*layers)
@@ -102,7 +106,8 @@ def build(model: ModelConfig, *, loss_kind: str, data_shape: tuple[int, ...],
         raise ConfigError(f"data.channels must be 1 or 3 for dcgan, got {channels}")
     G = DCGANGenerator(model.z_dim, model.g_width, channels, height, num_classes if model.conditional else 0)
     D = DCGANDiscriminator(model.d_width, channels, height, num_classes, batch_norm=loss_kind != "wgan-gp",
-                           conditional=model.conditional, semi_supervised=model.semi_supervised)
+                           conditional=model.conditional, semi_supervised=model.semi_supervised,
+                           convs_per_stage=model.d_convs_per_stage)
     if model.spectral_norm:
         apply_spectral_norm(D)
     return G, D

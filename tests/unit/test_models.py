@@ -90,6 +90,24 @@ def test_dcgan_widths(resolution, stages, s0):
     assert linear_sizes(D) == [((d << (stages - 1)) * s0 * s0, 1)]
 
 
+
+@pytest.mark.parametrize("resolution,stages,s0", [(28, 2, 7), (64, 4, 4)])
+def test_dcgan_d_extra_convs_keep_channels_and_resolution(resolution, stages, s0):
+    d = 8
+    _, D = make("dcgan", (1, resolution, resolution), d_width=d, d_convs_per_stage=3)
+    convs = [m for m in D.modules() if isinstance(m, nn.Conv2d)]
+    # Per stage: the 4x4 stride-2 conv, then two 3x3 stride-1 convs at its output width.
+    expected = []
+    for i in range(stages):
+        c_in, c = (1 if i == 0 else d << (i - 1)), d << i
+        expected += [(c_in, c, 4, 2), (c, c, 3, 1), (c, c, 3, 1)]
+    assert [(m.in_channels, m.out_channels, m.kernel_size[0], m.stride[0]) for m in convs] == expected
+    assert linear_sizes(D) == [((d << (stages - 1)) * s0 * s0, 1)]
+    norms = [m for m in D.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert len(norms) == 3 * stages - 1  # every conv but the very first
+    x = torch.randn(B, 1, resolution, resolution)
+    assert D(x).shape == (B,)
+
 def test_dcgan_init():
     torch.manual_seed(0)
     G, D = make("dcgan", (3, 64, 64), g_width=64, d_width=64)
