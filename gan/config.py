@@ -91,6 +91,19 @@ class ModelConfig:
     downsampling. MNIST's D goes from FID(2k) 40 to 13 at 160 kimg with 2 (bench/README.md)."""
     spectral_norm: bool = False
     """Spectral normalisation on D's layers."""
+    pack: int = 1
+    """PacGAN (Lin et al. 2018): D judges this many samples at once, real with real and fake with fake, side by
+    side (MLP) or stacked along the channels (DCGAN); 1 is a plain D. Packing penalises a G that drops modes.
+    Each worker's batch must be a multiple of it. R1 and WGAN-GP penalties stay averaged per sample."""
+    g_batch_norm: bool = False
+    """MLP G: BatchNorm before each hidden activation (PacGAN's 2-D G). The DCGAN G always has it."""
+    d_fourier_features: int = 0
+    """MLP D: random Fourier features per sample, sin and cos of x W for a fixed W ~ N(0, d_fourier_scale^2)
+    (Tancik et al. 2020), beside x. They let D resolve modes far narrower than the data's spread (grid25's
+    sigma is 0.01 of its model-range square), which a ReLU D learns only after thousands of epochs. 0: off."""
+    d_fourier_scale: float = 1.0
+    """MLP D: standard deviation of the Fourier frequencies, in model-range units (the 2-D data divided by
+    its scale, e.g. 5 for grid25): about 1 / (the finest length D must resolve)."""
     conditional: bool = False
     """Class-conditional G (label embedding) and projection D; needs labelled data."""
     semi_supervised: bool = False
@@ -110,6 +123,16 @@ class ModelConfig:
         _check(not (self.conditional and self.semi_supervised), "model.semi_supervised",
                "cannot be combined with model.conditional", self.semi_supervised)
         _check(self.labels >= 1, "model.labels", "must be >= 1", self.labels)
+        _check(self.pack >= 1, "model.pack", "must be >= 1", self.pack)
+        _check(self.pack == 1 or not (self.conditional or self.semi_supervised), "model.pack",
+               "must be 1 with model.conditional or model.semi_supervised (labels are per sample)", self.pack)
+        _check(self.d_fourier_features >= 0, "model.d_fourier_features", "must be >= 0", self.d_fourier_features)
+        _check(self.d_fourier_scale > 0, "model.d_fourier_scale", "must be > 0", self.d_fourier_scale)
+        if self.family != "mlp":
+            _check(not self.g_batch_norm, "model.g_batch_norm", f"is for the mlp family ({self.family}'s G has "
+                   "its own normalisation)", self.g_batch_norm)
+            _check(self.d_fourier_features == 0, "model.d_fourier_features", "is for the mlp family",
+                   self.d_fourier_features)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,6 +287,9 @@ class Config:
         workers = self.scale.num_workers
         _check(self.train.batch_size % workers == 0, "train.batch_size",
                f"must be divisible by scale.num_workers={workers}", self.train.batch_size)
+        _check(self.train.batch_size // workers % self.model.pack == 0, "train.batch_size",
+               f"per worker (/ scale.num_workers={workers}) must be a multiple of model.pack={self.model.pack}",
+               self.train.batch_size)
         if self.model.family == "dcgan":
             _check(not self.data.is_points, "model.family", "dcgan needs image data, not 2-D points",
                    self.model.family)

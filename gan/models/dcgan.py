@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from gan.config import ConfigError, ModelConfig
-from gan.models.heads import DiscriminatorHead, GeneratorInput, apply_spectral_norm
+from gan.models.heads import DiscriminatorHead, GeneratorInput, apply_spectral_norm, pack_samples
 from gan.models.registry import register_model
 
 # Side of G's first feature map (and D's last) -> stride-2 stages up to the resolution.
@@ -63,16 +63,18 @@ class DCGANDiscriminator(nn.Module):
     With d = d_width: 28: (B, d, 14, 14) -> (B, 2d, 7, 7); 32: ... -> (B, 4d, 4, 4); 64: ... -> (B, 8d, 4, 4).
     Each stage has `convs_per_stage` - 1 extra 3x3 stride-1 convs after its stride-2 conv, keeping its
     channels and resolution. BatchNorm after every conv but the first unless `batch_norm` is False (wgan-gp:
-    its gradient penalty is per sample, and BatchNorm mixes the samples of a batch).
+    its gradient penalty is per sample, and BatchNorm mixes the samples of a batch). With `pack` > 1 it judges
+    `pack` images at once, stacked along the channels (PacGAN).
     """
 
     def __init__(self, d_width: int, channels: int, resolution: int, num_classes: int = 0, *,
                  batch_norm: bool = True, conditional: bool = False, semi_supervised: bool = False,
-                 convs_per_stage: int = 1):
+                 convs_per_stage: int = 1, pack: int = 1):
         super().__init__()
+        self.pack = pack
         s0, stages = STEM[resolution]
         layers: list[nn.Module] = []
-        c_in, c = channels, d_width
+        c_in, c = channels * pack, d_width
         for i in range(stages):  # (B, c_in, s, s) -> (B, c, s/2, s/2)
             for j in range(convs_per_stage):
                 norm = batch_norm and (i > 0 or j > 0)
@@ -89,7 +91,7 @@ class DCGANDiscriminator(nn.Module):
         self.apply(dcgan_init)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        return self.head(self.body(x), y)
+        return self.head(self.body(pack_samples(x, self.pack)), y)
 
 
 @register_model("dcgan")
@@ -107,7 +109,7 @@ def build(model: ModelConfig, *, loss_kind: str, data_shape: tuple[int, ...],
     G = DCGANGenerator(model.z_dim, model.g_width, channels, height, num_classes if model.conditional else 0)
     D = DCGANDiscriminator(model.d_width, channels, height, num_classes, batch_norm=loss_kind != "wgan-gp",
                            conditional=model.conditional, semi_supervised=model.semi_supervised,
-                           convs_per_stage=model.d_convs_per_stage)
+                           convs_per_stage=model.d_convs_per_stage, pack=model.pack)
     if model.spectral_norm:
         apply_spectral_norm(D)
     return G, D

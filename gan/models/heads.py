@@ -77,6 +77,35 @@ class DiscriminatorHead(nn.Module):
         return out
 
 
+def pack_samples(x: Tensor, pack: int) -> Tensor:
+    """PacGAN's packing: (B, F, ...) -> (B // pack, pack * F, ...), each run of `pack` consecutive samples
+    joined along their first axis (features for vectors, channels for images)."""
+    if pack == 1:
+        return x
+    if x.shape[0] % pack:
+        raise ValueError(f"model.pack={pack} needs batches whose size is a multiple of it, got {x.shape[0]}")
+    return x.reshape(x.shape[0] // pack, pack * x.shape[1], *x.shape[2:])
+
+
+class FourierFeatures(nn.Module):
+    """(B, d) -> (B, d + 2F): x beside sin(x W) and cos(x W), W a fixed (d, F) draw of N(0, scale^2).
+
+    Random Fourier features (Tancik et al. 2020) let an MLP fit functions far narrower than its input's
+    range, which a plain ReLU MLP learns only after very long training. W is a seeded buffer: the same on
+    every worker, and saved with D.
+    """
+
+    def __init__(self, in_features: int, num_features: int, scale: float, seed: int = 0):
+        super().__init__()
+        weight = torch.randn(in_features, num_features, generator=torch.Generator().manual_seed(seed)) * scale
+        self.register_buffer("weight", weight)
+        self.out_features = in_features + 2 * num_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = x @ self.weight
+        return torch.cat([x, torch.sin(h), torch.cos(h)], dim=1)
+
+
 def apply_spectral_norm(module: nn.Module) -> nn.Module:
     """Spectrally normalises every Linear, Conv2d and Embedding weight in `module`, in place.
 

@@ -7,15 +7,18 @@ import math
 from torch import Tensor, nn
 
 from gan.config import ModelConfig
-from gan.models.heads import DiscriminatorHead, GeneratorInput, apply_spectral_norm
+from gan.models.heads import DiscriminatorHead, FourierFeatures, GeneratorInput, apply_spectral_norm, pack_samples
 from gan.models.registry import register_model
 
 
 class MLPGenerator(nn.Module):
-    """z [+ embed(y)] -> hidden[0] -> ... -> hidden[-1] -> prod(data_shape), LeakyReLU(0.2) between, tanh."""
+    """z [+ embed(y)] -> hidden[0] -> ... -> hidden[-1] -> prod(data_shape), LeakyReLU(0.2) between, tanh.
+
+    With `batch_norm`, BatchNorm1d before each hidden activation (PacGAN's 2-D G).
+    """
 
     def __init__(self, z_dim: int, hidden: tuple[int, ...], data_shape: tuple[int, ...],
-                 num_classes: int = 0):
+                 num_classes: int = 0, *, batch_norm: bool = False):
         super().__init__()
         self.z_dim = z_dim
         self.num_classes = num_classes
@@ -24,7 +27,11 @@ class MLPGenerator(nn.Module):
         widths = [self.input.out_features, *hidden]
         layers: list[nn.Module] = []
         for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
-            layers += [nn.Linear(w_in, w_out), nn.LeakyReLU(0.2)]
+            # BatchNorm's mean subtraction cancels a bias before it.
+            layers.append(nn.Linear(w_in, w_out, bias=not batch_norm))
+            if batch_norm:
+                layers.append(nn.BatchNorm1d(w_out))
+            layers.append(nn.LeakyReLU(0.2))
         layers += [nn.Linear(widths[-1], math.prod(self.data_shape)), nn.Tanh()]
         self.net = nn.Sequential(*layers)
 
@@ -33,12 +40,22 @@ class MLPGenerator(nn.Module):
 
 
 class MLPDiscriminator(nn.Module):
-    """prod(data_shape) -> hidden[-1] -> ... -> hidden[0] -> head, LeakyReLU(0.2) between, logits out."""
+    """prod(data_shape) -> hidden[-1] -> ... -> hidden[0] -> head, LeakyReLU(0.2) between, logits out.
+
+    Optionally each sample first gets `fourier_features` random Fourier features (scale `fourier_scale`),
+    and `pack` samples are judged together (PacGAN): the first layer then takes `pack` samples' inputs side by
+    side and a batch of B samples gives B / pack logits.
+    """
 
     def __init__(self, hidden: tuple[int, ...], data_shape: tuple[int, ...], num_classes: int = 0, *,
-                 conditional: bool = False, semi_supervised: bool = False):
+                 conditional: bool = False, semi_supervised: bool = False, pack: int = 1,
+                 fourier_features: int = 0, fourier_scale: float = 1.0):
         super().__init__()
-        widths = [math.prod(data_shape), *reversed(hidden)]
+        self.pack = pack
+        self.features = (FourierFeatures(math.prod(data_shape), fourier_features, fourier_scale)
+                         if fourier_features else None)
+        per_sample = self.features.out_features if self.features is not None else math.prod(data_shape)
+        widths = [per_sample * pack, *reversed(hidden)]
         layers: list[nn.Module] = [nn.Flatten()]
         for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
             layers += [nn.Linear(w_in, w_out), nn.LeakyReLU(0.2)]
@@ -47,16 +64,21 @@ class MLPDiscriminator(nn.Module):
                                       semi_supervised=semi_supervised)
 
     def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        return self.head(self.body(x), y)
+        x = x.flatten(1)
+        if self.features is not None:
+            x = self.features(x)
+        return self.head(self.body(pack_samples(x, self.pack)), y)
 
 
 @register_model("mlp")
 def build(model: ModelConfig, *, loss_kind: str, data_shape: tuple[int, ...],
           num_classes: int) -> tuple[nn.Module, nn.Module]:
     """MLP (G, D); D has no normalisation layers, so every loss (wgan-gp included) takes it as is."""
-    G = MLPGenerator(model.z_dim, model.hidden, data_shape, num_classes if model.conditional else 0)
+    G = MLPGenerator(model.z_dim, model.hidden, data_shape, num_classes if model.conditional else 0,
+                     batch_norm=model.g_batch_norm)
     D = MLPDiscriminator(model.hidden, data_shape, num_classes, conditional=model.conditional,
-                         semi_supervised=model.semi_supervised)
+                         semi_supervised=model.semi_supervised, pack=model.pack,
+                         fourier_features=model.d_fourier_features, fourier_scale=model.d_fourier_scale)
     if model.spectral_norm:
         apply_spectral_norm(D)
     return G, D
