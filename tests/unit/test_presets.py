@@ -1,4 +1,4 @@
-"""Every preset in configs/ builds into a valid Config, and its G and D build and run on a batch of 2."""
+"""Every preset in configs/ builds into a valid Config, and its G and D build and run on a batch of 2 (2 packs)."""
 
 from pathlib import Path
 
@@ -41,11 +41,12 @@ def test_preset_models_build_and_run(path):
     shape = data_shape(cfg)
     G, D = build_models(cfg.model, loss_kind=cfg.loss.kind, data_shape=shape, num_classes=NUM_CLASSES)
     torch.manual_seed(0)
-    y = torch.arange(2) if cfg.model.conditional else None
+    n = 2 * cfg.model.pack  # D gives one logit per pack of samples
+    y = torch.arange(n) if cfg.model.conditional else None
     with torch.no_grad():
-        x = G(torch.randn(2, cfg.model.z_dim), y)
+        x = G(torch.randn(n, cfg.model.z_dim), y)
         out = D(x, y)
-    assert x.shape == (2, *shape)
+    assert x.shape == (n, *shape)
     assert x.abs().max() <= 1, "G ends in tanh"
     assert out.shape == ((2, NUM_CLASSES + 1) if cfg.model.semi_supervised else (2,))
     assert realness_logit(out).shape == (2,) and torch.isfinite(out).all()
