@@ -100,7 +100,8 @@ class ModelConfig:
     d_fourier_features: int = 0
     """MLP D: random Fourier features per sample, sin and cos of x W for a fixed W ~ N(0, d_fourier_scale^2)
     (Tancik et al. 2020), beside x. They let D resolve modes far narrower than the data's spread (grid25's
-    sigma is 0.01 of its model-range square), which a ReLU D learns only after thousands of epochs. 0: off."""
+    modes have sigma 0.01 in model units and lie 0.4 apart), which a ReLU D learns only after thousands
+    of epochs. 0: off."""
     d_fourier_scale: float = 1.0
     """MLP D: standard deviation of the Fourier frequencies, in model-range units (the 2-D data divided by
     its scale, e.g. 5 for grid25): about 1 / (the finest length D must resolve)."""

@@ -56,6 +56,7 @@ class MLPDiscriminator(nn.Module):
                          if fourier_features else None)
         per_sample = self.features.out_features if self.features is not None else math.prod(data_shape)
         widths = [per_sample * pack, *reversed(hidden)]
+        # forward flattens before the features; this Flatten stays so that saved D checkpoints keep their keys.
         layers: list[nn.Module] = [nn.Flatten()]
         for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
             layers += [nn.Linear(w_in, w_out), nn.LeakyReLU(0.2)]
