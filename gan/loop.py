@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from gan.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from gan.config import Config, to_dict
+from gan.config import Config, OptimConfig, to_dict
 from gan.data.reader import Manifest
 from gan.data.sources import mode_centres
 from gan.models import build_models
@@ -148,6 +148,22 @@ def _next_multiple(images: int, every_kimg: float) -> int:
     return (images // every + 1) * every
 
 
+def lr_factor(optim: OptimConfig, progress: float) -> float:
+    """Multiplier of both learning rates at `progress` (images shown / train.kimg's images): 1 until
+    optim.lr_decay_from, then linearly down to 0 at the end."""
+    start = optim.lr_decay_from
+    if progress <= start or start >= 1:
+        return 1.0
+    return max(0.0, (1.0 - progress) / (1.0 - start))
+
+
+def _set_lrs(state: TrainState, optim: OptimConfig, factor: float) -> None:
+    # Set from the config, never scaled in place, so a resumed or PBT-mutated run follows the config's rates.
+    for opt, lr in ((state.opt_g, optim.lr_g), (state.opt_d, optim.lr_d)):
+        for group in opt.param_groups:
+            group["lr"] = lr * factor
+
+
 def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume: str | Path | None = None,
         wrap: Callable[[nn.Module], nn.Module] | None = None, device: torch.device | str = "cpu",
         rank: int = 0, world_size: int = 1, autocast_dtype: torch.dtype | None = None) -> TrainState:
@@ -190,6 +206,8 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
         metrics["perf/img_per_s"] = (state.images - images_last) / max(now - t_last, 1e-9)
         t_last, images_last = now, state.images
         metrics["progress/kimg"] = state.kimg
+        metrics["optim/lr_g"] = state.opt_g.param_groups[0]["lr"]
+        metrics["optim/lr_d"] = state.opt_d.param_groups[0]["lr"]
         metrics["progress/epoch"] = float(state.epoch)
         state.last_metrics = metrics
         if not (with_checkpoint and rank == 0):
@@ -211,6 +229,7 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
             if index < state.batch_in_epoch:
                 continue  # resuming mid-epoch: these batches were used before the checkpoint
             got_batch = True
+            _set_lrs(state, cfg.optim, lr_factor(cfg.optim, state.images / target))
             real = real.to(device, non_blocking=True)
             y = None if y is None else y.to(device, non_blocking=True)
             z = torch.randn(real.shape[0], z_dim, device=device)

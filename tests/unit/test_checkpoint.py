@@ -2,6 +2,7 @@
 
 import zipfile
 
+import pytest
 import torch
 
 from gan.checkpoint import STATE_FILE, read_checkpoint
@@ -47,9 +48,10 @@ def pickle_ops(data):
     return pickletools.genops(data)
 
 
-def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("decay_from", [1.0, 0.2])
+def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, decay_from):
     over = ["model.hidden=[16]", "model.z_dim=4", "train.batch_size=50", "train.log_every_kimg=0.1",
-            "train.checkpoint_every_kimg=0.25", "optim.lr_g=1e-3"]
+            "train.checkpoint_every_kimg=0.25", "optim.lr_g=1e-3", f"optim.lr_decay_from={decay_from}"]
     saved = {}
 
     def keep(metrics, ckpt):

@@ -37,6 +37,7 @@ def test_int_is_accepted_for_float_and_lists_become_tuples():
     (["model.family=dcgan", "data.source=digits", "data.resolution=16"], "data.resolution must be one of"),
     (["data.source=idx"], "data.root must name a folder for source idx"),
     (["loss.n_critic=0"], "loss.n_critic must be >= 1, got 0"),
+    (["optim.lr_decay_from=1.5"], r"optim.lr_decay_from must be in \[0, 1\], got 1.5"),
     (["model.d_convs_per_stage=0"], "model.d_convs_per_stage must be >= 1, got 0"),
     (["optim.lr_g"], "must look like key=value"),
 ])

@@ -9,7 +9,7 @@ import torch
 
 from gan.config import load_config
 from gan.data.sources import MODE_SIGMA, mode_centres
-from gan.loop import DataSpec, NonFiniteLossError, fit
+from gan.loop import DataSpec, NonFiniteLossError, fit, lr_factor
 from gan.metrics.modes import mode_stats
 from gan.samples import generate
 
@@ -87,6 +87,28 @@ def test_non_finite_losses_in_a_row_stop_with_a_clear_error():
     cfg = load_config(None, SMALL + ["train.kimg=5", "train.batch_size=50", "train.nonfinite_patience=3"])
     with pytest.raises(NonFiniteLossError, match="3 steps in a row.*train.nonfinite_patience=3"):
         fit(cfg, ring_batches(50, poison=set(range(4, 40))), spec=SPEC, report=lambda m, c: None)
+
+
+@pytest.mark.parametrize(("decay_from", "progress", "factor"), [
+    (1.0, 0.0, 1.0), (1.0, 0.999, 1.0), (0.5, 0.25, 1.0), (0.5, 0.5, 1.0), (0.5, 0.75, 0.5), (0.5, 0.95, 0.1),
+    (0.0, 0.0, 1.0), (0.0, 0.3, 0.7), (0.0, 1.0, 0.0)])
+def test_lr_factor_is_constant_then_linear_to_zero(decay_from, progress, factor):
+    optim = load_config(None, [f"optim.lr_decay_from={decay_from}"]).optim
+    assert lr_factor(optim, progress) == pytest.approx(factor)
+
+
+def test_learning_rates_follow_the_decay_and_are_reported():
+    reports = []
+    cfg = load_config(None, SMALL + ["train.kimg=1", "train.batch_size=50", "train.log_every_kimg=0.05",
+                                     "optim.lr_g=1e-3", "optim.lr_d=4e-3", "optim.lr_decay_from=0.5"])
+    state = fit(cfg, ring_batches(50), spec=SPEC, report=lambda m, c: reports.append(m))
+    assert len(reports) == 20
+    for m in reports:
+        # The lr reported after a step is the one that step used: set from the images shown before it.
+        expected = min(1.0, (1.0 - (m["progress/kimg"] - 0.05)) / 0.5)
+        assert m["optim/lr_g"] == pytest.approx(1e-3 * expected)
+        assert m["optim/lr_d"] == pytest.approx(4e-3 * expected)
+    assert reports[-1]["optim/lr_g"] == pytest.approx(1e-4) and state.images == 1000
 
 
 def test_empty_batch_source_is_an_error():
