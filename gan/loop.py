@@ -164,6 +164,13 @@ def _set_lrs(state: TrainState, optim: OptimConfig, factor: float) -> None:
             group["lr"] = lr * factor
 
 
+def _rng_kept(device: torch.device) -> contextlib.AbstractContextManager:
+    """Restores the global RNG after a report. Reports may build models or sample (in-training scores); the
+    training latents that follow must not depend on that, or a run resumed from the checkpoint (which holds the
+    RNG state from before the report) would diverge from the uninterrupted one."""
+    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else [])
+
+
 def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume: str | Path | None = None,
         wrap: Callable[[nn.Module], nn.Module] | None = None, device: torch.device | str = "cpu",
         rank: int = 0, world_size: int = 1, autocast_dtype: torch.dtype | None = None) -> TrainState:
@@ -211,7 +218,8 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
         metrics["progress/epoch"] = float(state.epoch)
         state.last_metrics = metrics
         if not (with_checkpoint and rank == 0):
-            report(metrics, None)
+            with _rng_kept(device):
+                report(metrics, None)
         else:
             tmp = tempfile.mkdtemp(prefix="gan-ckpt-")
             try:
@@ -219,7 +227,8 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
                 save_samples(state.G_ema if cfg.optim.ema else unwrap(G), z_fixed, y_fixed,
                              Path(tmp) / "samples.png", scale=spec.scale, centres=spec.centres,
                              title=f"{cfg.name} @ {state.kimg:.1f} kimg")
-                report(metrics, tmp)
+                with _rng_kept(device):
+                    report(metrics, tmp)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 

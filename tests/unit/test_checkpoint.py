@@ -71,3 +71,18 @@ def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path, decay_from
         assert torch.equal(a, b)
     for a, b in zip(full.D.state_dict().values(), resumed.D.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_reports_that_draw_random_numbers_do_not_change_training():
+    """In-training scores build models and sample inside the report; training must not see it."""
+    over = ["model.hidden=[16]", "model.z_dim=4", "train.batch_size=50", "train.kimg=0.3",
+            "train.log_every_kimg=0.1", "train.checkpoint_every_kimg=0.1"]
+
+    def drawing(metrics, ckpt):
+        torch.randn(1000)
+        torch.nn.Linear(8, 8)
+
+    quiet = fit(load_config(None, over), ring_batches(50), spec=SPEC, report=lambda m, c: None)
+    noisy = fit(load_config(None, over), ring_batches(50), spec=SPEC, report=drawing)
+    for a, b in zip(quiet.G.state_dict().values(), noisy.G.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
