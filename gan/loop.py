@@ -168,7 +168,9 @@ def _rng_kept(device: torch.device) -> contextlib.AbstractContextManager:
     """Restores the global RNG after a report. Reports may build models or sample (in-training scores); the
     training latents that follow must not depend on that, or a run resumed from the checkpoint (which holds the
     RNG state from before the report) would diverge from the uninterrupted one."""
-    return torch.random.fork_rng(devices=[torch.cuda.current_device()] if device.type == "cuda" else [])
+    if device.type != "cuda":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[torch.cuda.current_device() if device.index is None else device.index])
 
 
 def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume: str | Path | None = None,
