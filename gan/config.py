@@ -79,6 +79,13 @@ class ModelConfig:
     """Network family from the registry: mlp or dcgan."""
     z_dim: int = 100
     """Latent size."""
+    latent_codes: int = 0
+    """G reads z's first coordinate as one of this many equally likely discrete codes (the bin of its normal
+    CDF) and takes a learned embedding of the code in its place, beside the other z_dim - 1 coordinates. The
+    latent then has this many disconnected pieces, so G can put separate modes on separate pieces instead of
+    stretching one connected latent across the gaps between them, which leaves samples on the way (DeLiGAN,
+    Gurumurthy et al. 2017; Khayatkhoei et al. 2018). z stays N(0, I) for sampling, evaluation and served
+    models. grid25 goes from 21/25 modes to 25/25 with it (bench/README.md). 0: off; else >= 2, with z_dim >= 2."""
     hidden: tuple[int, ...] = (256,)
     """MLP generator widths from latent to output; D mirrors them (2-D reference: (256,), MNIST: (256, 512, 1024))."""
     g_width: int = 64
@@ -116,6 +123,10 @@ class ModelConfig:
         _check(self.family in MODEL_FAMILIES, "model.family", f"must be one of {', '.join(MODEL_FAMILIES)}",
                self.family)
         _check(self.z_dim >= 1, "model.z_dim", "must be >= 1", self.z_dim)
+        _check(self.latent_codes == 0 or self.latent_codes >= 2, "model.latent_codes", "must be 0 (off) or >= 2",
+               self.latent_codes)
+        _check(self.latent_codes == 0 or self.z_dim >= 2, "model.z_dim",
+               "must be >= 2 with model.latent_codes (the code takes z's first coordinate)", self.z_dim)
         _check(len(self.hidden) >= 1 and all(w >= 1 for w in self.hidden), "model.hidden",
                "must be a non-empty list of positive widths", self.hidden)
         _check(self.g_width >= 1, "model.g_width", "must be >= 1", self.g_width)

@@ -32,13 +32,14 @@ class DCGANGenerator(nn.Module):
       64: (B, 8g, 4, 4) -> (B, 4g, 8, 8) -> (B, 2g, 16, 16) -> (B, g, 32, 32) -> (B, C, 64, 64)
     """
 
-    def __init__(self, z_dim: int, g_width: int, channels: int, resolution: int, num_classes: int = 0):
+    def __init__(self, z_dim: int, g_width: int, channels: int, resolution: int, num_classes: int = 0, *,
+                 latent_codes: int = 0):
         super().__init__()
         self.z_dim = z_dim
         self.num_classes = num_classes
         s0, stages = STEM[resolution]
         c = g_width * 2 ** (stages - 1)
-        self.input = GeneratorInput(z_dim, num_classes)
+        self.input = GeneratorInput(z_dim, num_classes, latent_codes=latent_codes)
         # Biases before BatchNorm are cancelled by its mean subtraction, so those layers have none.
         layers: list[nn.Module] = [
             nn.Linear(self.input.out_features, c * s0 * s0, bias=False),
@@ -106,7 +107,8 @@ def build(model: ModelConfig, *, loss_kind: str, data_shape: tuple[int, ...],
                           f"got {height}x{width}")
     if channels not in (1, 3):
         raise ConfigError(f"data.channels must be 1 or 3 for dcgan, got {channels}")
-    G = DCGANGenerator(model.z_dim, model.g_width, channels, height, num_classes if model.conditional else 0)
+    G = DCGANGenerator(model.z_dim, model.g_width, channels, height, num_classes if model.conditional else 0,
+                       latent_codes=model.latent_codes)
     D = DCGANDiscriminator(model.d_width, channels, height, num_classes, batch_norm=loss_kind != "wgan-gp",
                            conditional=model.conditional, semi_supervised=model.semi_supervised,
                            convs_per_stage=model.d_convs_per_stage, pack=model.pack)

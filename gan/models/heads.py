@@ -1,12 +1,15 @@
-"""Pieces both families share: G's label input, D's realness / projection / K+1 head, spectral norm."""
+"""Pieces both families share: G's latent and label input, D's realness / projection / K+1 head, spectral norm."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 LABEL_EMBED_MAX = 50
+CODE_EMBED_DIM = 8
 
 
 def realness_logit(out: Tensor) -> Tensor:
@@ -23,19 +26,36 @@ def realness_logit(out: Tensor) -> Tensor:
 
 
 class GeneratorInput(nn.Module):
-    """z, or for a conditional G, z concatenated with a learned embedding of y.
+    """z -> G's first layer input: z, or with `latent_codes` K, z[:, 0] read as one of K discrete codes; for a
+    conditional G, a learned embedding of y beside it.
 
-    The embedding has min(z_dim, 50) dims: a one-hot would grow G's first layer with K, and staying
+    The label embedding has min(z_dim, 50) dims: a one-hot would grow G's first layer with K, and staying
     below z_dim keeps the latent the larger share of the input. It keeps nn.Embedding's N(0, 1) init,
     the same scale as z.
+
+    Latent codes: the bin of the normal CDF of z[:, 0] among K equal bins, so each code has probability 1/K
+    exactly while z stays N(0, I) for every caller. The code's learned embedding (CODE_EMBED_DIM dims, N(0, 1)
+    init) takes z[:, 0]'s place. No gradient reaches z[:, 0], and none is needed: z is never optimised.
     """
 
-    def __init__(self, z_dim: int, num_classes: int = 0):
+    def __init__(self, z_dim: int, num_classes: int = 0, *, latent_codes: int = 0):
         super().__init__()
+        if latent_codes and z_dim < 2:
+            raise ValueError(f"latent codes take z[:, 0], so z_dim must be >= 2, got {z_dim}")
+        self.latent_codes = latent_codes
+        self.codes = nn.Embedding(latent_codes, CODE_EMBED_DIM) if latent_codes else None
         self.embed = nn.Embedding(num_classes, min(z_dim, LABEL_EMBED_MAX)) if num_classes else None
-        self.out_features = z_dim + (self.embed.embedding_dim if self.embed is not None else 0)
+        latent_features = z_dim - 1 + CODE_EMBED_DIM if latent_codes else z_dim
+        self.out_features = latent_features + (self.embed.embedding_dim if self.embed is not None else 0)
+
+    def code_of(self, z: Tensor) -> Tensor:
+        """(B,) int64 code of each latent, in [0, latent_codes)."""
+        uniform = 0.5 * (1.0 + torch.erf(z[:, 0] / math.sqrt(2.0)))
+        return (uniform * self.latent_codes).long().clamp_(0, self.latent_codes - 1)
 
     def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
+        if self.codes is not None:
+            z = torch.cat([z[:, 1:], self.codes(self.code_of(z))], dim=1)
         if self.embed is None:
             return z
         if y is None:

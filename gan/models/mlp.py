@@ -18,12 +18,12 @@ class MLPGenerator(nn.Module):
     """
 
     def __init__(self, z_dim: int, hidden: tuple[int, ...], data_shape: tuple[int, ...],
-                 num_classes: int = 0, *, batch_norm: bool = False):
+                 num_classes: int = 0, *, batch_norm: bool = False, latent_codes: int = 0):
         super().__init__()
         self.z_dim = z_dim
         self.num_classes = num_classes
         self.data_shape = tuple(data_shape)
-        self.input = GeneratorInput(z_dim, num_classes)
+        self.input = GeneratorInput(z_dim, num_classes, latent_codes=latent_codes)
         widths = [self.input.out_features, *hidden]
         layers: list[nn.Module] = []
         for w_in, w_out in zip(widths[:-1], widths[1:], strict=True):
@@ -76,7 +76,7 @@ def build(model: ModelConfig, *, loss_kind: str, data_shape: tuple[int, ...],
           num_classes: int) -> tuple[nn.Module, nn.Module]:
     """MLP (G, D); D has no normalisation layers, so every loss (wgan-gp included) takes it as is."""
     G = MLPGenerator(model.z_dim, model.hidden, data_shape, num_classes if model.conditional else 0,
-                     batch_norm=model.g_batch_norm)
+                     batch_norm=model.g_batch_norm, latent_codes=model.latent_codes)
     D = MLPDiscriminator(model.hidden, data_shape, num_classes, conditional=model.conditional,
                          semi_supervised=model.semi_supervised, pack=model.pack,
                          fourier_features=model.d_fourier_features, fourier_scale=model.d_fourier_scale)

@@ -39,6 +39,8 @@ def test_int_is_accepted_for_float_and_lists_become_tuples():
     (["loss.n_critic=0"], "loss.n_critic must be >= 1, got 0"),
     (["optim.lr_decay_from=1.5"], r"optim.lr_decay_from must be in \[0, 1\], got 1.5"),
     (["model.d_convs_per_stage=0"], "model.d_convs_per_stage must be >= 1, got 0"),
+    (["model.latent_codes=1"], "model.latent_codes must be 0 (off) or >= 2, got 1"),
+    (["model.latent_codes=4", "model.z_dim=1"], "model.z_dim must be >= 2 with model.latent_codes"),
     (["optim.lr_g"], "must look like key=value"),
 ])
 def test_bad_values_name_the_key(overrides, message):

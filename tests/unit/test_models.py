@@ -11,7 +11,8 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from gan.config import LOSSES, ModelConfig
-from gan.models import MODELS, DiscriminatorHead, build_models, realness_logit, register_model
+from gan.models import MODELS, DiscriminatorHead, GeneratorInput, build_models, realness_logit, register_model
+from gan.models.heads import CODE_EMBED_DIM
 
 K = 10
 B = 4
@@ -163,6 +164,51 @@ def test_unconditional_ignores_y():
     z, y = latents()
     x = G(z)
     assert torch.equal(G(z, y), x) and torch.equal(D(x, y), D(x))
+
+
+def test_latent_codes_are_equal_normal_cdf_bins():
+    codes = 5
+    inp = GeneratorInput(3, latent_codes=codes)
+    centres = torch.special.ndtri((torch.arange(codes) + 0.5) / codes)
+    edges = torch.tensor([-40.0, 40.0])
+    z = torch.zeros(codes + 2, 3)
+    z[:, 0] = torch.cat([centres, edges])
+    assert inp.code_of(z).tolist() == [*range(codes), 0, codes - 1]
+    n = 200_000
+    counts = torch.bincount(inp.code_of(torch.randn(n, 3, generator=torch.Generator().manual_seed(0))),
+                            minlength=codes).double()
+    p = 1 / codes
+    assert (counts - n * p).abs().max() < 5 * math.sqrt(n * p * (1 - p))
+
+
+def test_latent_code_replaces_the_first_coordinate():
+    inp = GeneratorInput(4, latent_codes=6)
+    z, _ = latents(z_dim=4)
+    out = inp(z)
+    assert inp.out_features == 3 + CODE_EMBED_DIM == out.shape[1]
+    assert torch.equal(out[:, :3], z[:, 1:])
+    assert torch.equal(out[:, 3:], inp.codes.weight[inp.code_of(z)])
+    conditional = GeneratorInput(4, K, latent_codes=6)
+    _, y = latents(z_dim=4)
+    assert conditional(z, y).shape == (B, conditional.out_features) == (B, 3 + CODE_EMBED_DIM + 4)
+    with pytest.raises(ValueError, match="z_dim must be >= 2"):
+        GeneratorInput(1, latent_codes=6)
+
+
+@pytest.mark.parametrize("family,data_shape", [("mlp", (2,)), ("dcgan", (1, 28, 28))])
+def test_g_with_latent_codes_is_piecewise_constant_in_the_first_coordinate(family, data_shape):
+    G, _ = make(family, data_shape, z_dim=3, latent_codes=4)
+    G.eval()
+    z, _ = latents(z_dim=3)
+    same_bin, next_bin = z.clone(), z.clone()
+    z[:, 0], same_bin[:, 0], next_bin[:, 0] = 0.05, 0.6, -0.05  # bins of 4: edges at 0 and +-0.674
+    with torch.no_grad():
+        x = G(z)
+        assert x.shape == (B, *data_shape)
+        assert torch.equal(G(same_bin), x)
+        assert (G(next_bin) - x).abs().amax() > 1e-4
+    (g_embed_grad,) = torch.autograd.grad(G(z).sum(), G.input.codes.weight)
+    assert g_embed_grad[2].abs().sum() > 0 and g_embed_grad[[0, 1, 3]].abs().sum() == 0
 
 
 def test_projection_head_closed_form():
