@@ -3,9 +3,11 @@ trial, a diverging trial, PBT exploiting a checkpoint, and an interrupted search
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
+import ray
 
 from gan.checkpoint import read_checkpoint
 from gan.config import load_config
@@ -57,6 +59,16 @@ def test_in_training_fid_picks_the_best_checkpoint_not_the_last(ray_session, sta
     assert 0 < out.best_metric < 1e4
 
 
+def live_placement_groups(wait_s: float = 20.0) -> list[dict]:
+    """Placement groups not yet REMOVED, polled for up to `wait_s`: Tune frees its trials' groups asynchronously."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        live = [g for g in ray.util.placement_group_table().values() if g["state"] != "REMOVED"]
+        if not live or time.monotonic() > deadline:
+            return live
+        time.sleep(0.5)
+
+
 def child_runs(ctx, parent_run_id: str) -> list:
     exp = ctx.tracker.experiment_id("tests")
     return ctx.tracker.client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
@@ -105,6 +117,8 @@ def test_asha_search_stops_weak_trials_and_survives_a_diverging_one(ray_session,
     assert out.config.optim.lr_g == best["space"]["optim.lr_g"] and not out.config.tune.enabled
     assert out.config.name == cfg.name
     assert ctx.tracker.run(stage).data.tags["best_trial_run_id"] == best["run_id"]
+    # ASHA killed trials' processes mid-run: their Train workers' CPUs must not stay reserved.
+    assert live_placement_groups() == []
 
 
 def test_pbt_exploits_a_better_trials_checkpoint_and_logs_new_learning_rates(ray_session, stage_context, tmp_path,
@@ -145,6 +159,7 @@ def test_an_interrupted_search_resumes_without_duplicating_finished_trials(ray_s
         ray_tune.tune(cfg, dataset_dir, evaluator_dir=evaluator_dir, storage_path=tmp_path / "ray", tracking=tracking,
                       faults={"interrupt_after_trials": 1, "marker": str(marker)})
     assert marker.exists()
+    assert live_placement_groups() == [], "the interrupted trials' workers kept their CPUs"
     before = {r.data.tags["trial_id"]: r for r in child_runs(ctx, stage)}
     done_before = {t for t, r in before.items() if r.info.status == "FINISHED"}
     assert done_before and len(done_before) < 3
