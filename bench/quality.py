@@ -121,7 +121,7 @@ def run_mnist(args: argparse.Namespace) -> tuple[dict[str, Row], int, int]:
 
 def run_points(args: argparse.Namespace) -> dict[str, Row]:
     # One thread: these MLPs' matmuls are too small to split, and a second thread only adds its wake-up
-    # latency (ring8 took 82 s with two threads, 28 s with one).
+    # latency (ring8 took 82 s with two threads, 35 s with one).
     torch.set_num_threads(1)
     rows = {}
     for name in POINT_PRESETS:
