@@ -36,7 +36,7 @@ def main() -> None:
     tracker = Tracker(f"sqlite:///{workdir / 'mlflow.db'}")
     ctx = Context(workdir=workdir, tracker=tracker, experiment="bench-search",
                   parent_run_id=tracker.start_run("bench-search", "pipeline"), log=lambda s: None)
-    base = ["data.source=digits", "data.resolution=16", f"data.out_dir={workdir / 'data'}", "model.z_dim=16",
+    base = ["data.source=digits", "data.resolution=16", "model.z_dim=16",
             "train.batch_size=64", f"train.kimg={args.kimg}", f"train.log_every_kimg={args.grace_kimg}",
             f"train.checkpoint_every_kimg={args.grace_kimg}", f"train.fid_every_kimg={args.grace_kimg}",
             "eval.evaluator_epochs=4",

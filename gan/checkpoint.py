@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from gan import storage
+
 STATE_FILE = "state.pt"
 META_FILE = "meta.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint's state file is truncated or unreadable; the message names the object."""
 
 
 def unwrap(module: nn.Module) -> nn.Module:
@@ -53,11 +61,14 @@ def save_checkpoint(directory: str | Path, *, modules: dict[str, nn.Module],
 
 
 def read_checkpoint(directory: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """The raw state dict of a checkpoint folder; never unpickles classes."""
-    path = Path(directory) / STATE_FILE
-    if not path.is_file():
+    """The raw state dict of a checkpoint folder (a local folder or a storage URI); never unpickles classes."""
+    path = storage.join(directory, STATE_FILE)
+    if not storage.is_file(path):
         raise FileNotFoundError(f"no checkpoint state at {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(io.BytesIO(storage.read_bytes(path)), map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise CheckpointError(f"checkpoint state {path} is truncated or unreadable: {err}") from err
 
 
 def load_checkpoint(directory: str | Path, *, modules: dict[str, nn.Module],

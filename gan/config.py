@@ -49,7 +49,8 @@ class DataConfig:
     shard_rows: int = 4096
     """Rows per Parquet shard."""
     out_dir: str = "data"
-    """Where prepared datasets are written (a sub-folder per dataset id)."""
+    """The folder under the pipeline's storage root (`--storage`) where prepared datasets are written, a
+    sub-folder per dataset id; a relative path, so every stage output stays under the one root."""
     cache_mb: int = 1024
     """Ray workers keep their shard in memory after the first epoch when it is at most this many MiB (0: never)."""
 
@@ -62,6 +63,9 @@ class DataConfig:
         _check(self.shard_rows >= 1, "data.shard_rows", "must be >= 1", self.shard_rows)
         _check(self.cache_mb >= 0, "data.cache_mb", "must be >= 0", self.cache_mb)
         _check(bool(self.out_dir), "data.out_dir", "must not be empty", self.out_dir)
+        _check(not (self.out_dir.startswith(("/", "~")) or "://" in self.out_dir or ".." in self.out_dir.split("/")),
+               "data.out_dir", "must be a relative folder without '..' (it goes under the storage root, --storage)",
+               self.out_dir)
         if self.source in ("idx", "folder"):
             _check(bool(self.root), "data.root", f"must name a folder for source {self.source}", self.root)
         if self.source == "digits":
@@ -268,10 +272,19 @@ class ScaleConfig:
     """One GPU per worker."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker (fractions allowed)."""
+    worker_resources: dict[str, float] = field(default_factory=dict)
+    """Custom Ray resources each worker also reserves, e.g. {trainer_node: 1} to place workers on the nodes that
+    declare that resource (`ray start --resources`), one per node when each node declares 1."""
 
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scale.num_workers", "must be >= 1", self.num_workers)
         _check(self.cpus_per_worker > 0, "scale.cpus_per_worker", "must be > 0", self.cpus_per_worker)
+        for name, amount in self.worker_resources.items():
+            key = f"scale.worker_resources.{name}"
+            _check(name not in ("CPU", "GPU"), key, "must be a custom resource (CPU and GPU have their own keys)",
+                   amount)
+            _check(isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0, key,
+                   "must be a number > 0", amount)
 
 @dataclass(frozen=True, kw_only=True)
 class RegisterConfig:

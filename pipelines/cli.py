@@ -8,6 +8,7 @@ import os
 import sys
 from pathlib import Path
 
+from gan import storage
 from gan.config import Config, ConfigError, load_config
 from gan.metrics.inception import check_inception_weights
 
@@ -17,10 +18,12 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="prepare data and train on Ray, tracked in MLflow")
     _config_arguments(run, "YAML preset, e.g. configs/quickstart.yaml",
-                      "folder of the MLflow store and Ray checkpoints")
+                      "local folder of temporary files and of the SQLite MLflow store (when MLFLOW_TRACKING_URI is "
+                      "unset)")
     evaluate = sub.add_parser("evaluate", help="score a registered generator on a config's data and evaluator")
     evaluate.add_argument("--model", required=True, help="model URI, e.g. models:/gan-mnist@champion")
-    _config_arguments(evaluate, "the YAML preset whose data and eval settings to use", "folder of the MLflow store")
+    _config_arguments(evaluate, "the YAML preset whose data and eval settings to use",
+                      "local folder of the SQLite MLflow store (when MLFLOW_TRACKING_URI is unset)")
     sample = sub.add_parser("sample", help="draw images from a registered generator into a PNG grid")
     sample.add_argument("--model", required=True, help="model URI, e.g. models:/gan-mnist@champion")
     sample.add_argument("-n", "--num", type=int, default=64, help="how many images (default 64)")
@@ -39,6 +42,11 @@ def _config_arguments(parser: argparse.ArgumentParser, config_help: str, workdir
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value by its dotted name, e.g. optim.lr_g=1e-4 (repeatable)")
     parser.add_argument("--workdir", default="runs", help=workdir_help)
+    parser.add_argument("--storage", default=None, metavar="URI",
+                        help="storage root of everything the stages produce (datasets, evaluators, checkpoints, Tune "
+                             "state): a local folder, file://, s3://BUCKET/PREFIX (S3-compatible: add "
+                             "?endpoint_override=http://HOST:PORT, or set AWS_ENDPOINT_URL) or gs://BUCKET/PREFIX; "
+                             "default: --workdir")
 
 
 def _init_ray() -> None:
@@ -53,12 +61,13 @@ def _init_ray() -> None:
         ray.init(address="local", dashboard_host="127.0.0.1", include_dashboard=True)
 
 
-def run(cfg: Config, workdir: Path) -> dict:
-    """The whole pipeline on Ray (RAY_ADDRESS, else a local Ray), tracked in MLflow under `workdir`."""
+def run(cfg: Config, workdir: Path, storage_root: str | None = None) -> dict:
+    """The whole pipeline on Ray (RAY_ADDRESS, else a local Ray), its outputs under `storage_root` (default
+    `workdir`), tracked in MLflow (MLFLOW_TRACKING_URI, else SQLite under `workdir`)."""
     from pipelines.workflow import run_pipeline
 
     _init_ray()
-    return run_pipeline(cfg, workdir)
+    return run_pipeline(cfg, workdir, storage_root=storage_root)
 
 
 def _summary(cfg: Config, out: dict) -> None:
@@ -91,6 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    try:  # from the driver before Ray starts; the pipeline probes every node again once it is connected
+        storage.probe(args.storage or args.workdir, f"cli-{os.getpid()}")
+    except OSError as err:
+        print(f"storage error: {err}", file=sys.stderr)
+        return 2
     from pipelines.stages import StageError
 
     try:
@@ -98,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines.workflow import evaluate_registered
 
             _init_ray()
-            out = evaluate_registered(cfg, Path(args.workdir), args.model)
+            out = evaluate_registered(cfg, Path(args.workdir), args.model, storage_root=args.storage)
             print(f"[evaluate] {args.model}: {json.dumps({k: round(v, 4) for k, v in sorted(out['metrics'].items())})}")
             return 0
-        out = run(cfg, Path(args.workdir))
-    except StageError as err:
+        out = run(cfg, Path(args.workdir), args.storage)
+    except (StageError, storage.StorageError) as err:
         print(f"[pipeline] FAILED: {err}", file=sys.stderr)
         return 1
     _summary(cfg, out)

@@ -3,6 +3,7 @@ Parquet read through Ray Data, checkpoints (scored in training) reported to Ray,
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -33,9 +34,10 @@ from ray.train import (
 from ray.train.collective import broadcast_from_rank_zero
 from ray.train.torch import TorchTrainer, get_device, prepare_model
 
+from gan import storage
 from gan.checkpoint import STATE_FILE
 from gan.config import Config, ConfigError, from_dict, to_dict
-from gan.data import decode, keep_labels, load_manifest, shard_paths, to_model_range
+from gan.data import decode, keep_labels, load_manifest, shard_files, to_model_range
 from gan.loop import DataSpec, fit
 from gan.metrics.in_training import CheckpointScorer, score_key
 from gan.parallel import ddp_options
@@ -57,7 +59,7 @@ class Tracking:
 class TrainOutcome:
     checkpoint_dir: str
     """The run's best-scoring checkpoint folder when train.fid_every_kimg is on, else its latest (state.pt,
-    meta.json, samples.png)."""
+    meta.json, samples.png): a URI (or absolute path) under the storage root."""
     metrics: dict[str, float]
     """What was reported with that checkpoint."""
     best_metric: float | None = None
@@ -208,17 +210,21 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is None and loop_config.get("resume_from"):
         # A checkpoint from elsewhere (a Tune trial's, or PBT's copy of a better trial's): used only when this
         # run has none of its own.
-        checkpoint = Checkpoint.from_directory(loop_config["resume_from"])
+        fs, path = storage.resolve(loop_config["resume_from"])
+        checkpoint = Checkpoint(path, filesystem=fs)
     if checkpoint is not None:
         resume = checkpoint.to_directory(tempfile.mkdtemp(prefix="gan-resume-"))
         _use_config_optim(resume, cfg)
     if rank == 0 and loop_config.get("placement_group_file"):
         group = ray.util.get_current_placement_group()
-        Path(loop_config["placement_group_file"]).write_text(group.id.hex() if group else "")
+        storage.write_bytes(loop_config["placement_group_file"], (group.id.hex() if group else "").encode())
     scores = None
     if cfg.train.scores:
         scores = _Scores(cfg, rank, world_size, loop_config["dataset_dir"], loop_config.get("evaluator_dir"))
     report = _WorkerReport(rank, tracking, faults, scores)
+    nodes = _worker_nodes(world_size)
+    if report.tracker is not None:  # which node each rank runs on: in the MLflow UI, and what a lost node cost
+        report.tracker.set_tags(report.run_id, {"ray.worker_nodes": json.dumps(nodes)})
     try:
         fit(cfg, _batches(cfg, manifest, rank, world_size, faults), spec=DataSpec.from_manifest(manifest),
             report=report, resume=resume, wrap=wrap, device=device, rank=rank, world_size=world_size,
@@ -227,6 +233,16 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     finally:
         if resume is not None:
             shutil.rmtree(resume, ignore_errors=True)
+
+
+def _worker_nodes(world_size: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (gathered over the workers' process group)."""
+    node = ray.get_runtime_context().get_node_id()
+    if world_size == 1:
+        return [node]
+    nodes: list[Any] = [None] * world_size
+    torch.distributed.all_gather_object(nodes, node)
+    return nodes
 
 
 def _quiet_report_log() -> None:
@@ -292,14 +308,23 @@ def _train_dataset(cfg: Config, manifest: Any, *, in_memory: bool = False) -> ra
     Train runs (a search's trials) need that: Ray Data's autoscaling coordinator splits the CPUs left over by every
     live Train run's reservation evenly among the running datasets, rounded down to whole CPUs, so on 2 CPUs two
     trials' read tasks each get 0 and never run."""
-    paths = shard_paths(manifest, "train")
+    fs, paths = shard_files(manifest, "train")
     if not cfg.model.semi_supervised and not in_memory:
-        return ray.data.read_parquet(paths).select_columns(["x", "y"])
-    table = pa.concat_tables([pq.read_table(p, columns=["x", "y"]) for p in paths])
+        return ray.data.read_parquet(paths, filesystem=fs).select_columns(["x", "y"])
+    table = pa.concat_tables([pq.read_table(p, columns=["x", "y"], filesystem=fs) for p in paths])
     if cfg.model.semi_supervised:
         y = keep_labels(table.column("y").to_numpy(), cfg.model.labels, cfg.train.seed)
         table = table.set_column(1, "y", pa.array(y))
     return ray.data.from_arrow(table)
+
+
+def run_storage(storage_path: str | Path) -> dict[str, Any]:
+    """RunConfig's storage arguments for a location: a local folder as a path, a URI as a path inside its pyarrow
+    filesystem (Ray raises ArrowInvalid for a URI together with a filesystem, and a URI alone drops the query)."""
+    if storage.is_local(storage_path):
+        return {"storage_path": storage.normalize(storage_path)}
+    fs, path = storage.resolve(storage_path)
+    return {"storage_path": path, "storage_filesystem": fs}
 
 
 def build_trainer(cfg: Config, dataset_dir: str | Path, *, storage_path: str | Path, tracking: Tracking | None = None,
@@ -308,43 +333,48 @@ def build_trainer(cfg: Config, dataset_dir: str | Path, *, storage_path: str | P
                   callbacks: list[Any] | None = None, in_memory_data: bool = False,
                   placement_group_file: str | None = None) -> TorchTrainer:
     """The TorchTrainer of one run; with train.fid_every_kimg on, Ray keeps the best-scoring checkpoints.
-    `in_memory_data`: see _train_dataset (for runs that share the cluster with other runs). `placement_group_file`:
-    rank 0 writes its workers' placement group id there, for a caller that may have to remove it."""
+    `storage_path` (a folder or a URI) holds the run's checkpoints and state. `in_memory_data`: see _train_dataset
+    (for runs that share the cluster with other runs). `placement_group_file`: rank 0 writes its workers' placement
+    group id there (a location under the storage root), for a caller that may have to remove it."""
     manifest = load_manifest(dataset_dir)
     if cfg.train.scores and not cfg.data.is_points and evaluator_dir is None:
         raise ConfigError(f"train.fid_every_kimg={cfg.train.fid_every_kimg:g} scores images with the evaluator: "
                           f"pass evaluator_dir")
-    resources = {"CPU": cfg.scale.cpus_per_worker, **({"GPU": 1} if cfg.scale.use_gpu else {})}
+    resources = {"CPU": cfg.scale.cpus_per_worker, **({"GPU": 1} if cfg.scale.use_gpu else {}),
+                 **cfg.scale.worker_resources}
     keep = CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)
     if cfg.train.scores:
         keep = CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints, checkpoint_score_attribute=score_key(cfg),
                                 checkpoint_score_order="min")
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"config": to_dict(cfg), "dataset_dir": str(Path(dataset_dir).resolve()),
+        train_loop_config={"config": to_dict(cfg), "dataset_dir": storage.normalize(dataset_dir),
                            "tracking": tracking.__dict__ if tracking else None, "faults": faults or {},
-                           "evaluator_dir": str(Path(evaluator_dir).resolve()) if evaluator_dir else None,
+                           "evaluator_dir": storage.normalize(evaluator_dir) if evaluator_dir else None,
                            "resume_from": resume_from, "placement_group_file": placement_group_file},
         scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
                                      resources_per_worker=resources),
-        run_config=RunConfig(name=run_name or cfg.name, storage_path=str(Path(storage_path).resolve()),
+        run_config=RunConfig(name=run_name or cfg.name, **run_storage(storage_path),
                              failure_config=FailureConfig(max_failures=max_failures), checkpoint_config=keep,
                              callbacks=callbacks, logging_config=LoggingConfig(log_level="WARNING")),
         datasets={"train": _train_dataset(cfg, manifest, in_memory=in_memory_data)},
     )
 
 
-def outcome(cfg: Config, result: Result) -> TrainOutcome:
-    """The run's best-scoring checkpoint when scoring is on (its latest otherwise) and what came with it."""
+def outcome(cfg: Config, result: Result, storage_path: str | Path) -> TrainOutcome:
+    """The run's best-scoring checkpoint when scoring is on (its latest otherwise) and what came with it; its
+    location as a URI on `storage_path`'s filesystem, which every node can open."""
     if cfg.train.scores:
         key = score_key(cfg)
         scored = [(c, m) for c, m in result.best_checkpoints or [] if math.isfinite(m.get(key, math.nan))]
         if scored:
             best, metrics = min(scored, key=lambda cm: cm[1][key])
-            return TrainOutcome(checkpoint_dir=best.path, metrics=dict(metrics), best_metric=float(metrics[key]))
+            return TrainOutcome(checkpoint_dir=storage.uri_of(storage_path, best.path), metrics=dict(metrics),
+                                best_metric=float(metrics[key]))
     if result.checkpoint is None:
         raise RuntimeError(f"run {cfg.name} finished without a checkpoint")
-    return TrainOutcome(checkpoint_dir=result.checkpoint.path, metrics=dict(result.metrics or {}))
+    return TrainOutcome(checkpoint_dir=storage.uri_of(storage_path, result.checkpoint.path),
+                        metrics=dict(result.metrics or {}))
 
 
 def train(cfg: Config, dataset_dir: str | Path, *, storage_path: str | Path, tracking: Tracking | None = None,
@@ -356,4 +386,4 @@ def train(cfg: Config, dataset_dir: str | Path, *, storage_path: str | Path, tra
     check_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
     trainer = build_trainer(cfg, dataset_dir, storage_path=storage_path, tracking=tracking, max_failures=max_failures,
                             faults=faults, run_name=run_name, evaluator_dir=evaluator_dir)
-    return outcome(cfg, trainer.fit())
+    return outcome(cfg, trainer.fit(), storage_path)

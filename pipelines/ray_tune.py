@@ -21,6 +21,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from ray.util.placement_group import PlacementGroup, remove_placement_group
 from ray.util.queue import Empty, Queue
 
+from gan import storage
 from gan.checkpoint import META_FILE
 from gan.config import Config, ConfigError, apply_overrides, flatten, from_dict, to_dict
 from gan.metrics.in_training import score_key
@@ -125,9 +126,10 @@ def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     tracker = Tracker(setup["tracking_uri"])
     run_id = _trial_run(tracker, setup, trial_id, cfg)
     checkpoint = rt.get_checkpoint()
+    checkpoint_uri = storage.uri_of(setup["search"], checkpoint.path) if checkpoint is not None else None
     images = 0
-    if checkpoint is not None:
-        meta = json.loads((Path(checkpoint.path) / META_FILE).read_text())
+    if checkpoint_uri is not None:
+        meta = json.loads(storage.read_bytes(storage.join(checkpoint_uri, META_FILE)))
         images = int(meta["images"])
         if meta["name"] != cfg.name:
             donor = meta["name"].removeprefix(f"{search_cfg.name}-")
@@ -142,12 +144,12 @@ def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     # exploit or for a resumed search to restore. ForwardReports hands this thread each report to re-report with one.
     reports, acks = Queue(maxsize=1, actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
     run_name = f"{trial_id}-{uuid.uuid4().hex[:8]}"
-    group_file = Path(setup["train_storage"]) / f"{run_name}.placement_group"
-    group_file.parent.mkdir(parents=True, exist_ok=True)
+    group_file = storage.join(setup["train_storage"], f"{run_name}.placement_group")
+    train_fs, _ = storage.resolve(setup["train_storage"])
     trainer = ray_train.build_trainer(
         cfg, setup["dataset_dir"], storage_path=setup["train_storage"], run_name=run_name,
         tracking=ray_train.Tracking(setup["tracking_uri"], run_id), max_failures=0, faults=faults,
-        evaluator_dir=setup["evaluator_dir"], resume_from=checkpoint.path if checkpoint else None,
+        evaluator_dir=setup["evaluator_dir"], resume_from=checkpoint_uri,
         callbacks=[ray_train.ForwardReports(reports, acks)], in_memory_data=True,
         placement_group_file=str(group_file))
     box: dict[str, BaseException] = {}
@@ -169,7 +171,7 @@ def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
                 continue
             try:
                 if setup["metric"] in item["metrics"] and item["checkpoint"]:
-                    rt.report(item["metrics"], checkpoint=rt.Checkpoint.from_directory(item["checkpoint"]))
+                    rt.report(item["metrics"], checkpoint=rt.Checkpoint(item["checkpoint"], filesystem=train_fs))
             except BaseException:  # Tune stopped the trial (ASHA, a PBT exploit, an interrupt): SystemExit
                 # This process ends within moments: have the Train run abort, and free its workers ourselves
                 # in case it does not get to it (Train's own cleaner needs the dashboard's State API).
@@ -188,11 +190,11 @@ def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     tracker.end_run(run_id, "FINISHED")
 
 
-def _remove_placement_group(group_file: Path) -> None:
+def _remove_placement_group(group_file: str) -> None:
     """Removes a trial's worker placement group if Ray Train left it. A stopped trial's process is killed with its
     Train controller, and Train's detached cleaner then finds the dead controller through the State API, which a
     Ray without its dashboard lacks: the workers' CPUs stayed reserved and later trials never started."""
-    group_id = group_file.read_text().strip() if group_file.exists() else ""
+    group_id = storage.read_bytes(group_file).decode().strip() if storage.exists(group_file) else ""
     if not group_id:
         return
     group = PlacementGroup(PlacementGroupID(bytes.fromhex(group_id)))
@@ -216,9 +218,11 @@ class _FreeTrialWorkers(rt.Callback):
 
 def _free_workers(train_storage: str, trial_id: str = "") -> None:
     """Removes the placement groups recorded for one trial (all trials when empty) and their records."""
-    for group_file in Path(train_storage).glob(f"{trial_id}-*.placement_group" if trial_id else "*.placement_group"):
-        _remove_placement_group(group_file)
-        group_file.unlink(missing_ok=True)
+    for name in storage.list_names(train_storage):
+        if name.endswith(".placement_group") and name.startswith(f"{trial_id}-" if trial_id else ""):
+            group_file = storage.join(train_storage, name)
+            _remove_placement_group(group_file)
+            storage.delete(group_file)
 
 
 class _InterruptOnce(rt.Callback):
@@ -252,11 +256,12 @@ def _scheduler(cfg: Config, metric: str) -> Any:
     return FIFOScheduler()  # plain random search: every trial trains to train.kimg
 
 
-def _tuner(cfg: Config, trainable: Any, metric: str, path: Path, concurrent: int, faults: dict[str, Any],
+def _tuner(cfg: Config, trainable: Any, metric: str, experiment: str, concurrent: int, faults: dict[str, Any],
            train_storage: str) -> Any:
-    if rt.Tuner.can_restore(str(path)):
-        return rt.Tuner.restore(str(path), trainable, resume_unfinished=True, resume_errored=False,
-                                restart_errored=False)
+    fs, path = storage.resolve(experiment)
+    if rt.Tuner.can_restore(path, storage_filesystem=fs):
+        return rt.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
+                                restart_errored=False, storage_filesystem=fs)
     callbacks: list[rt.Callback] = [_FreeTrialWorkers(train_storage)]
     if faults.get("interrupt_after_trials"):
         callbacks.append(_InterruptOnce(faults["interrupt_after_trials"], faults["marker"]))
@@ -269,7 +274,8 @@ def _tuner(cfg: Config, trainable: Any, metric: str, path: Path, concurrent: int
                                   search_alg=search,
                                   trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=rt.RunConfig(
-            name=path.name, storage_path=str(path.parent), failure_config=rt.FailureConfig(max_failures=0),
+            name=storage.name(experiment), **ray_train.run_storage(storage.parent(experiment)),
+            failure_config=rt.FailureConfig(max_failures=0),
             checkpoint_config=rt.CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=metric,
                                                   checkpoint_score_order="min"),
             callbacks=callbacks, verbose=1),
@@ -294,23 +300,24 @@ def tune(cfg: Config, dataset_dir: str | Path, *, evaluator_dir: str | Path | No
     concurrent = max_concurrent_trials(cfg, ray.cluster_resources())
     tracker = Tracker(tracking.tracking_uri)
     experiment_id = tracker.run(tracking.run_id).info.experiment_id
-    path = Path(storage_path).resolve() / (run_name or f"{cfg.name}-search")
-    setup = {"config": to_dict(cfg), "dataset_dir": str(Path(dataset_dir).resolve()),
-             "evaluator_dir": str(Path(evaluator_dir).resolve()) if evaluator_dir else None,
-             "train_storage": str(path.parent / f"{path.name}-train"), "tracking_uri": tracking.tracking_uri,
-             "parent_run_id": tracking.run_id, "experiment_id": experiment_id,
-             "experiment": tracker.client.get_experiment(experiment_id).name, "search": str(path),
+    search = storage.join(storage_path, run_name or f"{cfg.name}-search")
+    setup = {"config": to_dict(cfg), "dataset_dir": storage.normalize(dataset_dir),
+             "evaluator_dir": storage.normalize(evaluator_dir) if evaluator_dir else None,
+             "train_storage": storage.join(storage.parent(search), f"{storage.name(search)}-train"),
+             "tracking_uri": tracking.tracking_uri, "parent_run_id": tracking.run_id, "experiment_id": experiment_id,
+             "experiment": tracker.client.get_experiment(experiment_id).name, "search": search,
              "metric": metric, "faults": faults or {}}
     trainable = rt.with_resources(rt.with_parameters(_trial, setup=setup), {"CPU": cfg.tune.cpus_per_trial})
     try:
-        grid = _tuner(cfg, trainable, metric, path, concurrent, faults or {}, setup["train_storage"]).fit()
+        grid = _tuner(cfg, trainable, metric, search, concurrent, faults or {}, setup["train_storage"]).fit()
     finally:  # whatever ended the search, no trial keeps its workers' CPUs
         _free_workers(setup["train_storage"])
-    statuses = {t.trial_id: t.status for t in rt.ExperimentAnalysis(str(path)).trials}
+    fs, path = storage.resolve(search)
+    statuses = {t.trial_id: t.status for t in rt.ExperimentAnalysis(path, storage_filesystem=fs).trials}
     unfinished = sorted(t for t, s in statuses.items() if s not in ("TERMINATED", "ERROR"))
     if unfinished:
-        raise SearchInterrupted(f"search {path.name} stopped with trials {', '.join(unfinished)} unfinished; run it "
-                                f"again with the same name and storage to resume")
+        raise SearchInterrupted(f"search {storage.name(search)} stopped with trials {', '.join(unfinished)} "
+                                f"unfinished; run it again with the same name and storage to resume")
     return _outcome(cfg, grid, metric, tracker, setup)
 
 
@@ -348,8 +355,9 @@ def _outcome(cfg: Config, grid: Any, metric: str, tracker: Tracker, setup: dict[
         raise RuntimeError(f"no trial of the search produced a finite {metric}: {trials}")
     result, (checkpoint, metrics), run_id = best
     config = trial_config(cfg, result.config["space"])
+    checkpoint_uri = storage.uri_of(setup["search"], checkpoint.path)
     tracker.set_tags(setup["parent_run_id"], {"best_trial": Path(result.path).name, "best_trial_run_id": run_id,
-                                              "best_checkpoint": checkpoint.path})
+                                              "best_checkpoint": checkpoint_uri})
     kept = {k: float(v) for k, v in metrics.items() if "/" in k and isinstance(v, (int, float))}
-    return TuneOutcome(checkpoint_dir=checkpoint.path, metrics=kept, config=config, trial_run_id=run_id,
+    return TuneOutcome(checkpoint_dir=checkpoint_uri, metrics=kept, config=config, trial_run_id=run_id,
                        trials=sorted(trials, key=lambda t: t["trial_id"]))

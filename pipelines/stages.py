@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
@@ -13,6 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from gan import storage
 from gan.config import Config, config_hash, flatten
 from gan.data import load_manifest, prepare, read_split
 from gan.evaluate import (
@@ -25,6 +24,7 @@ from gan.evaluate import (
 )
 from gan.export import ModelRangeView, served_generator
 from gan.metrics import evaluator_meta, load_evaluator, load_inception, real_floor, save_evaluator, train_evaluator
+from gan.metrics.evaluator import META_FILE as EVALUATOR_META
 from gan.metrics.semi_supervised import semi_supervised_metrics
 from pipelines import ray_train
 from pipelines.registry import CHAMPION, check_gate, elect_champion, git_commit, model_name, version_tags
@@ -37,15 +37,23 @@ class StageError(RuntimeError):
 
 @dataclass(frozen=True)
 class Context:
-    """What every stage needs: the work folder, the MLflow store and the pipeline's parent run."""
+    """What every stage needs: the storage root, the work folder, the MLflow store and the pipeline's parent run."""
 
     workdir: Path
+    """Local by nature: temporary files, and the SQLite MLflow store when no tracking server is given."""
     tracker: Tracker
     experiment: str
     parent_run_id: str
     log: Callable[[str], None] = print
     stage_key: str = ""
     """Hash of the stage's inputs (set by the workflow): its run is found and reused by it."""
+    storage: str = ""
+    """The storage root (a local folder or a URI such as s3://bucket/prefix) that holds everything the stages
+    produce: datasets, evaluators, Ray Train checkpoints and Tune state. Empty: the work folder."""
+
+    def location(self, *parts: str) -> str:
+        """A place under the storage root, as the URI (or absolute path) every node can open."""
+        return storage.join(self.storage or self.workdir, *parts)
 
 
 def run_stage(ctx: Context, name: str, body: Callable[[str], dict[str, Any]], *,
@@ -78,9 +86,9 @@ def run_stage(ctx: Context, name: str, body: Callable[[str], dict[str, Any]], *,
 
 
 def prepare_stage(ctx: Context, cfg: Config) -> dict[str, Any]:
-    """Dataset -> Parquet shards + manifest under data.out_dir (reused when already prepared)."""
+    """Dataset -> Parquet shards + manifest under <storage>/<data.out_dir> (reused when already prepared)."""
     def body(run_id: str) -> dict[str, Any]:
-        dataset_dir = prepare(cfg.data)
+        dataset_dir = prepare(cfg.data, ctx.location(cfg.data.out_dir))
         m = load_manifest(dataset_dir)
         counts = {f"data/{split}_count": float(m.count(split)) for split in m.splits}
         ctx.tracker.log_metrics(run_id, counts, step=0)
@@ -105,13 +113,13 @@ def train_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator: d
             from pipelines import ray_tune
 
             found = ray_tune.tune(cfg, dataset["dataset_dir"], evaluator_dir=evaluator_dir,
-                                  storage_path=ctx.workdir / "ray", tracking=tracking, run_name=run_name)
+                                  storage_path=ctx.location("ray"), tracking=tracking, run_name=run_name)
             ctx.tracker.set_tags(run_id, {"checkpoint": found.checkpoint_dir})
             ctx.log(f"[train] search: best trial run {found.trial_run_id}; "
                     f"{', '.join(str(t['status']) for t in found.trials)}")
             return {"checkpoint_dir": found.checkpoint_dir, "metrics": found.metrics,
                     "trial_run_id": found.trial_run_id}
-        outcome = ray_train.train(cfg, dataset["dataset_dir"], storage_path=ctx.workdir / "ray", tracking=tracking,
+        outcome = ray_train.train(cfg, dataset["dataset_dir"], storage_path=ctx.location("ray"), tracking=tracking,
                                   max_failures=max_failures, faults=faults, run_name=run_name,
                                   evaluator_dir=evaluator_dir)
         ctx.tracker.set_tags(run_id, {"checkpoint": outcome.checkpoint_dir})
@@ -132,10 +140,10 @@ def evaluator_stage(ctx: Context, cfg: Config, dataset: dict[str, Any]) -> dict[
         return run_stage(ctx, "evaluator", modes, tags={"dataset_hash": manifest.dataset_hash})
     key = hashlib.sha256(json.dumps([manifest.dataset_hash, cfg.eval.evaluator_epochs, cfg.eval.seed,
                                      cfg.eval.num_samples]).encode()).hexdigest()[:12]
-    directory = Path(dataset["dataset_dir"]).parent / "evaluators" / f"{manifest.dataset_id}-{key}"
+    directory = ctx.location("evaluators", f"{manifest.dataset_id}-{key}")
 
     def body(run_id: str) -> dict[str, Any]:
-        reused = (directory / "evaluator.json").is_file()
+        reused = storage.is_file(storage.join(directory, EVALUATOR_META))
         if not reused:
             _train_evaluator(cfg, manifest, directory)
         info = evaluator_meta(directory)
@@ -144,12 +152,12 @@ def evaluator_stage(ctx: Context, cfg: Config, dataset: dict[str, Any]) -> dict[
                                       "dataset_hash": manifest.dataset_hash})
         ctx.log(f"[evaluator] {'reused' if reused else 'trained'} {info['evaluator_id']}: "
                 f"{json.dumps({k: round(v, 4) for k, v in info['meta']['metrics'].items()})}")
-        return {"evaluator_dir": str(directory), "evaluator_id": info["evaluator_id"],
+        return {"evaluator_dir": directory, "evaluator_id": info["evaluator_id"],
                 "floor": info["meta"]["metrics"]}
     return run_stage(ctx, "evaluator", body, tags={"dataset_hash": manifest.dataset_hash})
 
 
-def _train_evaluator(cfg: Config, manifest: Any, directory: Path) -> None:
+def _train_evaluator(cfg: Config, manifest: Any, directory: str) -> None:
     x_train, y_train = read_split(manifest, "train")
     x_test, y_test = read_split(manifest, "test")
     model, acc = train_evaluator(x_train, y_train, x_test, y_test, epochs=cfg.eval.evaluator_epochs,
@@ -157,14 +165,10 @@ def _train_evaluator(cfg: Config, manifest: Any, directory: Path) -> None:
     n = min(cfg.eval.num_samples, len(x_train), len(x_test))
     metrics = {"evaluator/test_accuracy": acc, **real_floor(x_train, x_test, model, num_samples=n,
                                                              batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)}
-    # Written beside and renamed into place, so an interrupted run leaves no half-saved evaluator.
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    save_evaluator(model, tmp, meta={"metrics": metrics, "dataset_hash": manifest.dataset_hash})
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.rename(tmp, directory)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)  # another run saved the same evaluator first
+    # Published whole (evaluator.json last), so an interrupted run leaves no half-saved evaluator.
+    with tempfile.TemporaryDirectory(prefix="gan-evaluator-") as tmp:
+        save_evaluator(model, Path(tmp) / "evaluator", meta={"metrics": metrics, "dataset_hash": manifest.dataset_hash})
+        storage.publish(Path(tmp) / "evaluator", directory, last=EVALUATOR_META)
 
 
 def evaluate_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator: dict[str, Any],

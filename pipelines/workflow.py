@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any
 
 import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from gan import storage
 from gan.config import Config, flatten, from_dict, to_dict
+from gan.data import DatasetError, load_manifest, verify
 from pipelines.stages import (
     Context,
     StageError,
@@ -24,6 +27,7 @@ from pipelines.stages import (
     register_stage,
     train_stage,
 )
+from pipelines.storage_probe import check_storage
 from pipelines.tracking import Tracker, default_tracking_uri
 
 STAGES: dict[str, Callable[..., dict[str, Any]]] = {
@@ -59,9 +63,18 @@ def stage_inputs(cfg: Config, name: str, upstream: dict[str, dict[str, Any]]) ->
     raise KeyError(name)
 
 
-def _usable(outputs: dict[str, Any]) -> bool:
-    """A reused stage's folders must still exist (a cleaned work folder means running it again)."""
-    return all(Path(v).exists() for k, v in outputs.items() if k.endswith("_dir") and isinstance(v, str))
+def _unusable(name: str, outputs: dict[str, Any]) -> str | None:
+    """Why a FINISHED stage's outputs cannot be reused (None when they can): a folder or object it names is gone
+    from storage (a cleaned work folder or bucket means running it again), or a dataset fails its checksums."""
+    for key, value in outputs.items():
+        if key.endswith("_dir") and isinstance(value, str) and not storage.exists(value):
+            return f"{key} {value} is missing"
+    if name == "prepare":
+        try:
+            verify(load_manifest(outputs["dataset_dir"]))
+        except DatasetError as err:
+            return str(err)
+    return None
 
 
 @ray.remote
@@ -69,7 +82,7 @@ def _stage_task(name: str, cfg_values: dict[str, Any], upstream: dict[str, dict[
                 ctx_values: dict[str, Any]) -> dict[str, Any]:
     ctx = Context(workdir=Path(ctx_values["workdir"]), tracker=Tracker(ctx_values["tracking_uri"]),
                   experiment=ctx_values["experiment"], parent_run_id=ctx_values["parent_run_id"],
-                  stage_key=ctx_values["stage_key"])
+                  stage_key=ctx_values["stage_key"], storage=ctx_values["storage"])
     cfg = from_dict(cfg_values)
     return STAGES[name](ctx, cfg, **upstream)
 
@@ -82,19 +95,29 @@ OUTPUT_NAMES = {"prepare": "dataset", "evaluator": "evaluator", "train": "traine
 
 def run_stage_task(ctx: Context, cfg: Config, name: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """Reuses a FINISHED run with the same inputs, or runs the stage as a Ray task (its own nested run)."""
-    key = stage_key(name, *stage_inputs(cfg, name, done))
+    # The storage root is an input: outputs under another root are not reused (every location stays under it).
+    key = stage_key(name, ctx.location(), *stage_inputs(cfg, name, done))
     for run in ctx.tracker.find_runs(ctx.experiment, {"stage": name, "stage_key": key}, status="FINISHED"):
         outputs = json.loads(run.data.tags.get("outputs", "null") or "null")
-        if outputs is not None and _usable(outputs):
+        why = _unusable(name, outputs) if outputs is not None else "it recorded no outputs"
+        if why is not None:
+            ctx.log(f"[{name}] not reusing run {run.info.run_id}: {why}")
+        else:
             ctx.log(f"[{name}] reused: inputs match FINISHED run {ctx.tracker.run_url(run.info.run_id)}")
             ctx.tracker.set_tags(ctx.parent_run_id, {f"stage.{name}": run.info.run_id, f"reused.{name}": "true"})
             return {**outputs, "run_id": run.info.run_id}
     by_name = {OUTPUT_NAMES[n]: v for n, v in done.items()}
     upstream = {arg: by_name[arg] for arg in UPSTREAM[name]}
     ctx_values = {"workdir": str(ctx.workdir), "tracking_uri": ctx.tracker.tracking_uri, "experiment": ctx.experiment,
-                  "parent_run_id": ctx.parent_run_id, "stage_key": key}
+                  "parent_run_id": ctx.parent_run_id, "stage_key": key, "storage": ctx.location()}
+    placement = {}
+    if STAGE_CPUS[name] == 0:
+        # A stage that reserves no CPU could land on any node, and Ray Train attaches its controller to the node
+        # that calls fit(): on the driver's node, losing a worker node does not take the run's controller with it.
+        placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
+                                                                          soft=True)
     task = _stage_task.options(num_cpus=STAGE_CPUS[name], max_retries=STAGE_RETRIES, retry_exceptions=False,
-                               name=f"stage-{name}")
+                               name=f"stage-{name}", **placement)
     ref = task.remote(name, to_dict(cfg), upstream, ctx_values)
     ctx.log(f"[{name}] running as a Ray task (inputs {key})")
     try:
@@ -110,22 +133,27 @@ def run_stage_task(ctx: Context, cfg: Config, name: str, done: dict[str, dict[st
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """Stage tasks may start in another folder (or on another node): relative data paths are made absolute."""
-    data = replace(cfg.data, out_dir=str(Path(cfg.data.out_dir).resolve()),
-                   root=str(Path(cfg.data.root).resolve()) if cfg.data.root else "")
-    return replace(cfg, data=data)
+    """Stage tasks may start in another folder (or on another node): a relative data.root is made absolute."""
+    return replace(cfg, data=replace(cfg.data, root=str(Path(cfg.data.root).resolve()) if cfg.data.root else ""))
 
 
-def run_pipeline(cfg: Config, workdir: str | Path, *, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """prepare -> evaluator -> train -> evaluate -> register under one pipeline run. Needs a connected Ray."""
+def run_pipeline(cfg: Config, workdir: str | Path, *, storage_root: str | None = None,
+                 log: Callable[[str], None] = print) -> dict[str, Any]:
+    """prepare -> evaluator -> train -> evaluate -> register under one pipeline run. Needs a connected Ray.
+
+    Everything the stages produce goes under `storage_root` (a local folder or a URI; default `workdir`), checked
+    from every node before any stage runs; `workdir` keeps the SQLite MLflow store when no server is given."""
     workdir = Path(workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    root = storage.normalize(storage_root or workdir)
+    check_storage(root, log=log)
     cfg = absolute_paths(cfg)
     tracker = Tracker(default_tracking_uri(workdir))
-    parent = tracker.start_run(cfg.name, f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}", tags={"stage": "pipeline"})
+    parent = tracker.start_run(cfg.name, f"pipeline-{time.strftime('%Y%m%d-%H%M%S')}",
+                               tags={"stage": "pipeline", "storage": root})
     tracker.log_params(parent, flatten(cfg))
-    log(f"[pipeline] {cfg.name}: MLflow store {tracker.tracking_uri}, run {tracker.run_url(parent)}")
-    ctx = Context(workdir=workdir, tracker=tracker, experiment=cfg.name, parent_run_id=parent, log=log)
+    log(f"[pipeline] {cfg.name}: storage {root}, MLflow store {tracker.tracking_uri}, run {tracker.run_url(parent)}")
+    ctx = Context(workdir=workdir, tracker=tracker, experiment=cfg.name, parent_run_id=parent, log=log, storage=root)
     done: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
     try:
@@ -139,16 +167,19 @@ def run_pipeline(cfg: Config, workdir: str | Path, *, log: Callable[[str], None]
     return {"pipeline_run_id": parent, **{OUTPUT_NAMES[n]: v for n, v in done.items()}}
 
 
-def evaluate_registered(cfg: Config, workdir: str | Path, model_uri: str, *,
+def evaluate_registered(cfg: Config, workdir: str | Path, model_uri: str, *, storage_root: str | None = None,
                         log: Callable[[str], None] = print) -> dict[str, Any]:
     """Scores a registered (or logged) generator on `cfg`'s data and evaluator: prepare and evaluator are reused
-    from earlier runs when their inputs match, then the model is scored in its own MLflow run."""
+    from earlier runs when their inputs match (and their outputs are still under `storage_root`), then the model is
+    scored in its own MLflow run."""
     workdir = Path(workdir).resolve()
+    root = storage.normalize(storage_root or workdir)
+    check_storage(root, log=log)
     cfg = absolute_paths(cfg)
     tracker = Tracker(default_tracking_uri(workdir))
     parent = tracker.start_run(cfg.name, f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}",
-                               tags={"stage": "pipeline", "model_uri": model_uri})
-    ctx = Context(workdir=workdir, tracker=tracker, experiment=cfg.name, parent_run_id=parent, log=log)
+                               tags={"stage": "pipeline", "model_uri": model_uri, "storage": root})
+    ctx = Context(workdir=workdir, tracker=tracker, experiment=cfg.name, parent_run_id=parent, log=log, storage=root)
     try:
         done: dict[str, dict[str, Any]] = {}
         for name in ("prepare", "evaluator"):

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gan import storage
 from gan.config import DataConfig
 from gan.data.reader import DTYPES, FORMAT_VERSION, DatasetError, content_hash, load_manifest, sha256_file, verify
 from gan.data.sources import TORCHVISION, SourceData, input_fingerprint, load_source
@@ -45,10 +47,14 @@ def dataset_id(cfg: DataConfig) -> str:
     return f"{cfg.source}-{digest}"
 
 
-def prepare(cfg: DataConfig, out_dir: str | Path | None = None, *, force: bool = False) -> Path:
+def prepare(cfg: DataConfig, out_dir: str | Path | None = None, *, force: bool = False) -> Path | str:
     """Writes `<out_dir or cfg.out_dir>/<dataset id>/` (train/ and test/ Parquet shards, manifest.json) and
-    returns it; an existing valid copy is reused unless `force`. Readers never see a half-written dataset."""
-    parent = Path(out_dir if out_dir is not None else cfg.out_dir).expanduser().resolve()
+    returns it (a Path on local disk, the URI in object storage); an existing valid copy is reused unless `force`.
+    Readers never see a half-written dataset."""
+    where = out_dir if out_dir is not None else cfg.out_dir
+    if not storage.is_local(where):
+        return _prepare_in_object_store(cfg, storage.normalize(where), force=force)
+    parent = Path(storage.normalize(where))
     ds_id = dataset_id(cfg)
     final = parent / ds_id
     if not force and _is_valid(final):
@@ -62,6 +68,21 @@ def prepare(cfg: DataConfig, out_dir: str | Path | None = None, *, force: bool =
         _publish(tmp, final, replace=force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _prepare_in_object_store(cfg: DataConfig, parent: str, *, force: bool) -> str:
+    """Object stores have no rename: the shards are uploaded first and the manifest last, so a crash mid-upload
+    leaves no manifest and the next prepare writes the folder again."""
+    ds_id = dataset_id(cfg)
+    final = storage.join(parent, ds_id)
+    if not force and _is_valid(final):
+        return final
+    src = load_source(cfg)
+    with tempfile.TemporaryDirectory(prefix="gan-prepare-") as tmp:
+        _write(src, cfg, ds_id, Path(tmp) / ds_id)
+        storage.delete(storage.join(final, "manifest.json"))  # un-publish the copy being replaced first
+        storage.upload(Path(tmp) / ds_id, final, last="manifest.json")
     return final
 
 
@@ -113,12 +134,12 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _is_valid(folder: Path) -> bool:
+def _is_valid(folder: Path | str) -> bool:
     try:
         verify(load_manifest(folder))
         return True
     except DatasetError as err:
-        if (folder / "manifest.json").exists():
+        if storage.exists(storage.join(folder, "manifest.json")):
             log.warning("rebuilding %s: %s", folder, err)
         return False
 

@@ -11,7 +11,10 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from gan import storage
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "test")
@@ -39,7 +42,8 @@ class Manifest:
     dataset_hash: str
     splits: dict[str, Any]
     config: dict[str, Any]
-    path: Path
+    path: str
+    """The dataset's folder: an absolute local path or a storage URI (s3://bucket/prefix/<id>)."""
 
     @property
     def row_bytes(self) -> int:
@@ -54,9 +58,10 @@ class Manifest:
         return self.splits[_check_split(self, split)]["count"]
 
 
-def sha256_file(path: str | Path) -> str:
+def sha256_file(path: str | Path, filesystem: pafs.FileSystem | None = None) -> str:
+    """sha256 of a file, local or (with `filesystem`) in object storage, read in 1 MiB blocks."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
+    with (filesystem or pafs.LocalFileSystem()).open_input_stream(str(path)) as f:
         while block := f.read(1 << 20):
             digest.update(block)
     return digest.hexdigest()
@@ -69,14 +74,19 @@ def content_hash(splits: dict[str, Any]) -> str:
 
 
 def load_manifest(dataset_dir: str | Path) -> Manifest:
-    """Loads and checks `<dataset_dir>/manifest.json` (structure only; `verify` checks the shards)."""
-    folder = Path(dataset_dir).expanduser().resolve()
-    file = folder / "manifest.json"
-    if not file.is_file():
+    """Loads and checks `<dataset_dir>/manifest.json` (structure only; `verify` checks the shards). `dataset_dir`
+    is a local folder or a storage URI."""
+    folder = storage.normalize(dataset_dir)
+    file = storage.join(folder, "manifest.json")
+    try:
+        present = storage.is_file(file)
+    except OSError as err:
+        raise DatasetError(f"{file} cannot be read: {err}") from err
+    if not present:
         raise DatasetError(f"{folder} is not a prepared dataset: {file} is missing (never prepared, or an "
                            "interrupted prepare left it incomplete); run prepare first")
     try:
-        raw = json.loads(file.read_text())
+        raw = json.loads(storage.read_bytes(file).decode())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise DatasetError(f"{file} is not readable JSON: {err}") from err
     if not isinstance(raw, dict):
@@ -122,8 +132,15 @@ def _check_split(manifest: Manifest, split: str) -> str:
 
 
 def shard_paths(manifest: Manifest, split: str) -> list[str]:
-    """Absolute paths of a split's shards, in order (what `ray.data.read_parquet` takes)."""
-    return [str(manifest.path / s["file"]) for s in manifest.splits[_check_split(manifest, split)]["shards"]]
+    """Locations (absolute paths or URIs) of a split's shards, in order."""
+    return [storage.join(manifest.path, s["file"]) for s in manifest.splits[_check_split(manifest, split)]["shards"]]
+
+
+def shard_files(manifest: Manifest, split: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The dataset's filesystem and its split's shards as paths in it, in order (what `pq.read_table` and
+    `ray.data.read_parquet(paths, filesystem=...)` take)."""
+    fs, root = storage.resolve(manifest.path)
+    return fs, [f"{root}/{s['file']}" for s in manifest.splits[_check_split(manifest, split)]["shards"]]
 
 
 def verify(manifest: Manifest, split: str | None = None) -> None:
@@ -135,19 +152,20 @@ def verify(manifest: Manifest, split: str | None = None) -> None:
             _verify_shard(manifest, shard)
         total = sum(s["rows"] for s in info["shards"])
         if total != info["count"]:
-            raise DatasetError(f"{manifest.path / 'manifest.json'}: split {name} has count {info['count']} "
-                               f"but its shards list {total} rows")
+            raise DatasetError(f"{storage.join(manifest.path, 'manifest.json')}: split {name} has count "
+                               f"{info['count']} but its shards list {total} rows")
 
 
 _verify = verify  # read_split's `verify` flag shadows the function
 
 
 def _verify_shard(manifest: Manifest, shard: dict[str, Any]) -> None:
-    path = manifest.path / shard["file"]
-    if not path.is_file():
+    path = storage.join(manifest.path, shard["file"])
+    fs, fs_path = storage.resolve(path)
+    if fs.get_file_info(fs_path).type != pafs.FileType.File:
         raise DatasetError(f"shard {path} is missing")
     try:
-        meta = pq.read_metadata(path)
+        meta = pq.read_metadata(fs_path, filesystem=fs)
         schema = meta.schema.to_arrow_schema()
     except (pa.ArrowException, OSError) as err:
         raise DatasetError(f"shard {path} is truncated or unreadable as Parquet: {err}") from err
@@ -161,7 +179,7 @@ def _verify_shard(manifest: Manifest, shard: dict[str, Any]) -> None:
                            f"{manifest.row_bytes} for {manifest.dtype} {list(manifest.shape)}")
     if meta.num_rows != shard["rows"]:
         raise DatasetError(f"shard {path} has the wrong row count: {meta.num_rows}, manifest says {shard['rows']}")
-    digest = sha256_file(path)
+    digest = sha256_file(fs_path, fs)
     if digest != shard["sha256"]:
         raise DatasetError(f"shard {path} fails its checksum: sha256 {digest}, manifest says {shard['sha256']}")
 
@@ -222,11 +240,12 @@ def read_split(dataset: str | Path | Manifest, split: str, *, verify: bool = Tru
     if verify:
         _verify(manifest, split)
     tables = []
-    for path in shard_paths(manifest, split):
+    fs, paths = shard_files(manifest, split)
+    for path, location in zip(paths, shard_paths(manifest, split)):
         try:
-            tables.append(pq.read_table(path, columns=["x", "y"]))
+            tables.append(pq.read_table(path, columns=["x", "y"], filesystem=fs))
         except (pa.ArrowException, OSError) as err:
-            raise DatasetError(f"shard {path} is unreadable as Parquet: {err}") from err
+            raise DatasetError(f"shard {location} is unreadable as Parquet: {err}") from err
     if not tables:
         x = np.empty((0, *manifest.shape), manifest.dtype)
         return x, (np.empty(0, np.int64) if manifest.labelled else None)

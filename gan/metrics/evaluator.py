@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from gan import storage
 from gan.config import EVALUATOR_FEATURES
 from gan.data.transforms import to_model_range
 
@@ -173,11 +176,12 @@ def save_evaluator(model: Evaluator, directory: str | Path, meta: dict[str, Any]
 
 
 def evaluator_meta(directory: str | Path) -> dict[str, Any]:
-    """The evaluator.json of a saved evaluator: format_version, args, evaluator_id, meta."""
-    path = Path(directory) / META_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"no evaluator at {directory}: {path.name} is missing")
-    info = json.loads(path.read_text())
+    """The evaluator.json of a saved evaluator (a local folder or a storage URI): format_version, args,
+    evaluator_id, meta."""
+    path = storage.join(directory, META_FILE)
+    if not storage.is_file(path):
+        raise FileNotFoundError(f"no evaluator at {directory}: {META_FILE} is missing")
+    info = json.loads(storage.read_bytes(path).decode())
     if info["format_version"] != FORMAT_VERSION:
         raise ValueError(f"{path} has format_version {info['format_version']!r}; this code reads {FORMAT_VERSION}")
     return info
@@ -187,7 +191,12 @@ def load_evaluator(directory: str | Path, map_location: str | torch.device = "cp
     """The saved Evaluator in eval mode; raises ValueError when its weights do not hash to the recorded id."""
     info = evaluator_meta(directory)
     model = Evaluator(**info["args"])
-    model.load_state_dict(torch.load(Path(directory) / WEIGHTS_FILE, map_location=map_location, weights_only=True))
+    weights = storage.join(directory, WEIGHTS_FILE)
+    try:
+        state = torch.load(io.BytesIO(storage.read_bytes(weights)), map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        raise ValueError(f"evaluator weights {weights} are truncated or unreadable: {err}") from err
+    model.load_state_dict(state)
     found = evaluator_id(model)
     if found != info["evaluator_id"]:
         raise ValueError(f"evaluator at {directory} has id {found}, but {META_FILE} records {info['evaluator_id']}")

@@ -34,7 +34,7 @@ def train_in_process(cfg, dataset_dir, out_dir):
 
 def test_digits_evaluator_is_trained_once_and_scores_g_and_g_ema(stage_context, tmp_path):
     ctx = stage_context
-    cfg = load_config(None, ["name=digits-eval", "data.source=digits", f"data.out_dir={tmp_path / 'data'}",
+    cfg = load_config(None, ["name=digits-eval", "data.source=digits",
                              "model.family=dcgan", "model.g_width=16", "model.d_width=16", "train.kimg=3",
                              "eval.num_samples=500", "eval.evaluator_epochs=6", "scale.num_workers=1"])
     dataset = prepare_stage(ctx, cfg)
@@ -62,7 +62,7 @@ def test_digits_evaluator_is_trained_once_and_scores_g_and_g_ema(stage_context, 
 def test_ring8_is_scored_by_mode_metrics(stage_context, tmp_path):
     ctx = stage_context
     cfg = load_config(None, ["name=ring-eval", "data.source=ring8", "data.num_samples=2000",
-                             f"data.out_dir={tmp_path / 'data'}", "model.hidden=[32]", "train.kimg=2"])
+                             "model.hidden=[32]", "train.kimg=2"])
     dataset = prepare_stage(ctx, cfg)
     evaluator = evaluator_stage(ctx, cfg, dataset)
     assert evaluator["evaluator_dir"] is None
@@ -74,7 +74,7 @@ def test_ring8_is_scored_by_mode_metrics(stage_context, tmp_path):
 
 def test_semi_supervised_d_is_scored_as_a_classifier_beside_a_plain_one(stage_context, tmp_path):
     ctx = stage_context
-    cfg = load_config(None, ["name=digits-sgan", "data.source=digits", f"data.out_dir={tmp_path / 'data'}",
+    cfg = load_config(None, ["name=digits-sgan", "data.source=digits",
                              "model.family=dcgan", "model.g_width=16", "model.d_width=16", "model.semi_supervised=true",
                              "model.labels=100", "train.kimg=20", "train.batch_size=64", "eval.num_samples=300",
                              "eval.evaluator_epochs=4", "scale.num_workers=1"])

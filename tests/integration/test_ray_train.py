@@ -16,7 +16,7 @@ pytestmark = pytest.mark.integration
 
 def mnist_cfg(root: Path, tmp_path: Path, *extra: str):
     return load_config(None, [
-        "name=mnist-it", "data.source=idx", f"data.root={root}", f"data.out_dir={tmp_path / 'data'}",
+        "name=mnist-it", "data.source=idx", f"data.root={root}",
         "model.family=dcgan", "model.g_width=16", "model.d_width=16", "model.z_dim=32",
         "train.batch_size=64", "train.log_every_kimg=0.5", "train.checkpoint_every_kimg=1",
         "scale.num_workers=2", "scale.cpus_per_worker=0.5", *extra])
@@ -93,7 +93,7 @@ def test_non_finite_losses_fail_the_run_with_a_clear_error(ray_session, mnist_id
 def test_ddp_runs_every_head_and_penalty_without_unused_parameters(ray_session, tmp_path, stage_context, extra):
     """Two DDP workers (no find_unused_parameters) through gradient penalties, projection and K+1 heads."""
     ctx = stage_context
-    cfg = load_config(None, ["name=digits-ddp", "data.source=digits", f"data.out_dir={tmp_path / 'data'}",
+    cfg = load_config(None, ["name=digits-ddp", "data.source=digits",
                              "model.family=dcgan", "model.g_width=8", "model.d_width=8", "train.batch_size=32",
                              "train.kimg=0.6", "train.log_every_kimg=0.3", "train.checkpoint_every_kimg=0.6",
                              "scale.num_workers=2", "scale.cpus_per_worker=0.5", *extra])

@@ -23,7 +23,7 @@ FID = "train/fid_2k"
 def digits_cfg(tmp_path: Path, *extra: str):
     """16 px digits, a tiny MLP, one 0.4-CPU worker: a trial costs 0.5 CPU with its trainable."""
     return load_config(None, [
-        "name=digits-search", "data.source=digits", "data.resolution=16", f"data.out_dir={tmp_path / 'data'}",
+        "name=digits-search", "data.source=digits", "data.resolution=16",
         "model.hidden=[32]", "model.z_dim=16", "train.batch_size=32", "train.log_every_kimg=0.5",
         "train.checkpoint_every_kimg=0.5", "train.fid_every_kimg=0.5", "eval.num_samples=300",
         "eval.evaluator_epochs=2", "scale.num_workers=1", "scale.cpus_per_worker=0.4", "tune.cpus_per_trial=0.1",

@@ -59,7 +59,7 @@ def test_ray_train_logs_to_an_http_tracking_server(ray_session, mlflow_server, t
     ctx = Context(workdir=tmp_path, tracker=tracker, experiment="http-store",
                   parent_run_id=tracker.start_run("http-store", "pipeline"))
     cfg = load_config(None, ["name=ring-http", "data.source=ring8", "data.num_samples=4000",
-                             f"data.out_dir={tmp_path / 'data'}", "model.hidden=[32]", "train.batch_size=64",
+                             "model.hidden=[32]", "train.batch_size=64",
                              "train.kimg=1", "train.log_every_kimg=0.5", "train.checkpoint_every_kimg=1",
                              "scale.num_workers=2", "scale.cpus_per_worker=0.5"])
     out = train_stage(ctx, cfg, prepare_stage(ctx, cfg))

@@ -29,7 +29,7 @@ STAGE_NAMES = list(STAGES)
 
 
 def ring8_overrides(tmp_path: Path, name: str, kimg: int = 30) -> list[str]:
-    return [f"name={name}", f"register.model_name=gan-{name}", f"data.out_dir={tmp_path / 'data'}",
+    return [f"name={name}", f"register.model_name=gan-{name}",
             "data.num_samples=4000", f"train.kimg={kimg}", "train.log_every_kimg=10", "train.checkpoint_every_kimg=10"]
 
 
@@ -101,7 +101,7 @@ def test_a_failing_stage_is_marked_failed_and_later_stages_do_not_run(ray_sessio
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     (tmp_path / "empty").mkdir()
     cfg = load_config(None, ["name=broken", "data.source=folder", f"data.root={tmp_path / 'empty'}",
-                             f"data.out_dir={tmp_path / 'data'}", "data.resolution=28", "model.family=dcgan"])
+                             "data.resolution=28", "model.family=dcgan"])
     with pytest.raises(StageError, match="stage prepare failed"):
         run_pipeline(cfg, tmp_path / "runs", log=lambda _: None)
     tracker = Tracker(default_tracking_uri(tmp_path / "runs"))

@@ -25,8 +25,8 @@ from tests.conftest import MNIST_IDX
 N = 2000
 
 
-def split(cfg: DataConfig) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    ds = prepare(cfg)
+def split(cfg: DataConfig, out_dir: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    ds = prepare(cfg, out_dir)
     return (*read_split(ds, "train"), *read_split(ds, "test"))
 
 
@@ -35,8 +35,8 @@ def mnist(tmp_path_factory) -> tuple[Evaluator, float, np.ndarray, np.ndarray]:
     """One evaluator trained on the 8k/2k split of real MNIST, shared by the tests below."""
     if not (MNIST_IDX / "t10k-images-idx3-ubyte.gz").is_file():
         pytest.skip(f"real MNIST not found at {MNIST_IDX}")
-    x_train, y_train, x_test, y_test = split(DataConfig(source="idx", root=str(MNIST_IDX),
-                                                        out_dir=str(tmp_path_factory.mktemp("data"))))
+    x_train, y_train, x_test, y_test = split(DataConfig(source="idx", root=str(MNIST_IDX)),
+                                             tmp_path_factory.mktemp("data"))
     assert x_train.shape == (8000, 1, 28, 28) and x_test.shape == (2000, 1, 28, 28)
     model, acc = train_evaluator(x_train, y_train, x_test, y_test, seed=0)
     return model, acc, x_train, x_test
@@ -77,8 +77,7 @@ def test_held_out_digits_score_near_the_floor_and_noise_far_from_it(mnist):
 
 @pytest.mark.parametrize("resolution", [16, 28])
 def test_digits_evaluator_reaches_95_percent(resolution, tmp_path):
-    x_train, y_train, x_test, y_test = split(DataConfig(source="digits", resolution=resolution,
-                                                        out_dir=str(tmp_path)))
+    x_train, y_train, x_test, y_test = split(DataConfig(source="digits", resolution=resolution), tmp_path)
     model, acc = train_evaluator(x_train, y_train, x_test, y_test, seed=0)
     print(f"digits {resolution}px evaluator test accuracy: {acc:.4f}")
     assert acc >= 0.95

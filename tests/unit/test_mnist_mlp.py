@@ -16,7 +16,7 @@ def d_accuracy(D, G, real: torch.Tensor, z_dim: int) -> float:
 
 
 def test_reference_mlp_discriminator_leaves_chance_within_300_steps(mnist_idx, tmp_path):
-    ds = prepare(DataConfig(source="idx", root=str(mnist_idx), out_dir=str(tmp_path)))
+    ds = prepare(DataConfig(source="idx", root=str(mnist_idx)), tmp_path)
     manifest = load_manifest(ds)
     x_train, _ = read_split(manifest, "train")
     x_test, _ = read_split(manifest, "test")
