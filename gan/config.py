@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -283,8 +284,12 @@ class ScaleConfig:
             key = f"scale.worker_resources.{name}"
             _check(name not in ("CPU", "GPU"), key, "must be a custom resource (CPU and GPU have their own keys)",
                    amount)
-            _check(isinstance(amount, (int, float)) and not isinstance(amount, bool) and amount > 0, key,
-                   "must be a number > 0", amount)
+            _check(isinstance(amount, (int, float)) and not isinstance(amount, bool) and 0 < amount < math.inf,
+                   key, "must be a finite number > 0", amount)
+
+    def __hash__(self) -> int:  # the dataclass hash would fail on the worker_resources dict
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True))
+
 
 @dataclass(frozen=True, kw_only=True)
 class RegisterConfig:
@@ -384,9 +389,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float and isinstance(value, str):
         # PyYAML reads `1e-3` (no dot) as a string: accept what float() accepts.
         try:
-            return float(value)
+            value = float(value)
         except ValueError:
             pass
+    if tp is float and isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     if tp is bool and not isinstance(value, bool):
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):

@@ -18,14 +18,14 @@ PROBE_TIMEOUT_S = 120.0
 
 @ray.remote(num_cpus=0, max_retries=0)
 def _probe_node(root: str, marker: str) -> str | None:
-    """On one node: the driver's marker must be visible (a local path on several nodes is not shared storage),
-    and an object of this node's must go in and come back out. Returns what failed, or None."""
+    """On one node: an object of this node's must go in and come back out, and the driver's marker must be
+    visible (a local path on several nodes is not shared storage). Returns what failed, or None."""
     try:
+        storage.probe(root, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         if not storage.is_file(marker):
             return (f"does not see {marker}, which the driver wrote: {root} is not storage every node shares; "
                     f"give --storage a bucket URI (s3://..., gs://...) or a volume mounted at the same path on every "
                     f"node")
-        storage.probe(root, f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     except OSError as err:
         return str(err)
     return None

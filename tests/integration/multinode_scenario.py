@@ -31,6 +31,9 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # Artifacts download through the tracking server: moto's IAM auth refuses the presigned URLs that MLflow 3 would
 # otherwise hand out for an S3 artifact store (a real bucket accepts them; both need no credentials on the node).
 os.environ["MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD"] = "false"
+# Tune snapshots its experiment state every second (default: every ~10 s), so that the killed search's state in the
+# bucket already lists a trial checkpoint to resume from.
+os.environ["TUNE_GLOBAL_CHECKPOINT_S"] = "1"
 
 import ray  # noqa: E402
 from ray.cluster_utils import Cluster  # noqa: E402
@@ -47,7 +50,7 @@ REPO = Path(__file__).resolve().parents[2]
 PREFIX = "mn"
 WORKER_NODE = {"num_cpus": 1, "resources": {"trainer": 1}}
 SEARCH = ["name=mn-search", "data.resolution=16", "model.family=mlp", "model.hidden=[32]", "model.z_dim=16",
-          "train.kimg=2", "train.log_every_kimg=1", "train.checkpoint_every_kimg=1", "train.fid_every_kimg=1",
+          "train.kimg=8", "train.log_every_kimg=1", "train.checkpoint_every_kimg=1", "train.fid_every_kimg=1",
           "tune.num_samples=2", "tune.grace_kimg=1", "scale.num_workers=1", "scale.cpus_per_worker=0.4",
           "eval.num_samples=300", "eval.evaluator_epochs=2"]
 LOST_NODE = ["name=mn-lost", "data.num_samples=4000", "model.hidden=[64, 64]", "train.kimg=40",
@@ -106,13 +109,20 @@ def kill_search_mid_trial(cluster: Cluster, s3: S3, root: str, work: Path) -> di
             if found:
                 break
             time.sleep(0.5)
-        time.sleep(3)  # Tune saves its experiment state right after the trial's result
+        time.sleep(2)
         alive = proc.poll() is None
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=60)
     log(f"killed the search's driver with {len(found)} trial checkpoint object(s) in the bucket")
     if not alive:
         raise RuntimeError(f"the search ended before it was killed: {(work / 'killed-search.log').read_text()[-3000:]}")
+    # Ray ends a dead driver's tasks and actors; until it has, they could still write to the search's folder.
+    keys, deadline = s3.keys(f"{PREFIX}/ray/"), time.monotonic() + 90
+    while time.monotonic() < deadline:
+        time.sleep(5)
+        keys, before = s3.keys(f"{PREFIX}/ray/"), keys
+        if keys == before:
+            break
     return {"trial_checkpoints": found}
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -51,8 +52,6 @@ def test_the_bucket_holds_data_evaluator_checkpoints_tune_state_and_the_model(sc
     keys = scenario["search"]["keys"]
 
     def has(pattern: str) -> bool:
-        import re
-
         return any(re.fullmatch(pattern, k) for k in keys)
 
     assert has(r"mn/data/digits-[0-9a-f]{16}/manifest\.json") and has(r"mn/data/digits-.*/train/part-00000\.parquet")
@@ -71,7 +70,12 @@ def test_a_search_whose_driver_was_killed_resumes_from_tunes_state_in_the_bucket
     assert search["train_statuses"] == ["FINISHED", "KILLED"]
     # A fresh search would have made new trial ids (and trial runs); the restored one keeps its two.
     assert len(search["trial_runs"]) == 2, search["trial_runs"]
-    assert any(max(steps) >= 2048 for steps in search["trial_runs"].values()), search["trial_runs"]
+    assert any(max(steps) >= 8000 for steps in search["trial_runs"].values()), search["trial_runs"]
+    # A trial whose checkpoint Tune's last snapshot lists goes on from it in the bucket, not from its first images
+    # (one killed a moment after its first checkpoint starts over: the snapshot had not listed it yet).
+    restarts = [steps[i] for steps in search["trial_runs"].values() for i in range(1, len(steps))
+                if steps[i] <= steps[i - 1]]
+    assert restarts and max(restarts) > 1024, search["trial_runs"]
     assert search["registered"]["version"] == "1", "exactly one version registered"
 
 
@@ -93,5 +97,5 @@ def test_a_node_without_credentials_is_named_and_still_loads_the_champion_throug
     case = scenario["no_credentials"]
     assert case["probe_error"] is not None, "the probe passed on a node with wrong credentials"
     assert f"node {case['node'][:12]}" in case["probe_error"] and "AWS_ACCESS_KEY_ID" in case["probe_error"]
-    assert case["probe_error"].count("node ") == 1, "only the node without credentials fails"
+    assert len(re.findall(r"node [0-9a-f]{12} \(", case["probe_error"])) == 1, "only that node fails"
     assert case["champion_shape"][0] == 2

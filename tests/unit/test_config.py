@@ -42,10 +42,26 @@ def test_int_is_accepted_for_float_and_lists_become_tuples():
     (["model.latent_codes=1"], "model.latent_codes must be 0 (off) or >= 2, got 1"),
     (["model.latent_codes=4", "model.z_dim=1"], "model.z_dim must be >= 2 with model.latent_codes"),
     (["optim.lr_g"], "must look like key=value"),
+    (["optim.lr_g=inf"], "optim.lr_g must be a finite number, got inf"),
+    (["optim.lr_d=.nan"], "optim.lr_d must be a finite number, got nan"),
+    (["register.max_fid=-.inf"], "register.max_fid must be a finite number, got -inf"),
+    (["data.out_dir=/abs/data"], "data.out_dir must be a relative folder"),
+    (["data.out_dir=../up"], "data.out_dir must be a relative folder"),
+    (["data.out_dir=s3://b/p"], "data.out_dir must be a relative folder"),
+    (["scale.worker_resources={CPU: 1}"], "scale.worker_resources.CPU must be a custom resource"),
+    (["scale.worker_resources={trainer: 0}"], "scale.worker_resources.trainer must be a finite number > 0"),
 ])
 def test_bad_values_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_config(None, overrides)
+
+
+def test_worker_resources_are_a_hashable_mapping_that_round_trips():
+    cfg = load_config(None, ["scale.worker_resources={trainer: 1}"])
+    assert cfg.scale.worker_resources == {"trainer": 1}
+    assert from_dict(to_dict(cfg)) == cfg
+    assert hash(cfg) == hash(load_config(None, ["scale.worker_resources={trainer: 1}"]))
+    assert hash(cfg) != hash(load_config(None))
 
 
 def test_bad_yaml_and_missing_file_are_config_errors(tmp_path):
