@@ -39,7 +39,7 @@ from gan.checkpoint import STATE_FILE
 from gan.config import Config, ConfigError, from_dict, to_dict
 from gan.data import decode, keep_labels, load_manifest, shard_files, to_model_range
 from gan.loop import DataSpec, fit
-from gan.metrics.in_training import CheckpointScorer, score_key
+from gan.metrics.in_training import UNSCORED, CheckpointScorer, score_key
 from gan.parallel import ddp_options
 from gan.samples import save_loss_curves
 from pipelines.tracking import Tracker
@@ -71,6 +71,7 @@ class _Scores:
     gets the numbers, so all report the same keys."""
 
     def __init__(self, cfg: Config, rank: int, world_size: int, dataset_dir: str, evaluator_dir: str | None):
+        self.key = score_key(cfg)
         self.every = round(cfg.train.fid_every_kimg * 1000)
         self.target = math.ceil(cfg.train.kimg * 1000)
         self.rank, self.world_size = rank, world_size
@@ -114,6 +115,10 @@ class _WorkerReport:
                 self.tracker.log_artifact(self.run_id, Path(checkpoint_dir) / "samples.png", SAMPLE_DIR,
                                           name=f"kimg-{images / 1000:09.3f}.png")
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        if checkpoint is not None and self.scores is not None and self.scores.key not in metrics:
+            # Ray ranks a checkpoint without the score attribute as -inf before applying "min", i.e. as the best,
+            # and it would evict the scored ones; +inf makes it the worst (MLflow is not sent the placeholder).
+            metrics = {**metrics, self.scores.key: math.inf, UNSCORED: 1.0}
         ray.train.report(metrics, checkpoint=checkpoint,
                          checkpoint_dir_name=f"checkpoint-{images:012d}" if checkpoint else None)
 

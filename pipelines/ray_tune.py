@@ -24,7 +24,7 @@ from ray.util.queue import Empty, Queue
 from gan import storage
 from gan.checkpoint import META_FILE
 from gan.config import Config, ConfigError, apply_overrides, flatten, from_dict, to_dict
-from gan.metrics.in_training import score_key
+from gan.metrics.in_training import UNSCORED, score_key
 from gan.tune_space import PBT_MUTABLE, SPEC_KINDS, applies
 from pipelines import ray_train
 from pipelines.tracking import Tracker
@@ -170,7 +170,8 @@ def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
             except Empty:
                 continue
             try:
-                if setup["metric"] in item["metrics"] and item["checkpoint"]:
+                scored = setup["metric"] in item["metrics"] and UNSCORED not in item["metrics"]
+                if scored and item["checkpoint"]:
                     rt.report(item["metrics"], checkpoint=rt.Checkpoint(item["checkpoint"], filesystem=train_fs))
             except BaseException:  # Tune stopped the trial (ASHA, a PBT exploit, an interrupt): SystemExit
                 # This process ends within moments: have the Train run abort, and free its workers ourselves

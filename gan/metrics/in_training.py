@@ -15,6 +15,10 @@ from gan.metrics.image_metrics import count_tag, extract, fid_from_features, lat
 from gan.metrics.modes import mode_stats
 from gan.samples import generate
 
+UNSCORED = "train/unscored"
+"""Set to 1 on a checkpoint reported between scores, whose score key then holds +inf: a checkpoint manager that
+ranks by the score (lower is better) must see it as the worst, never as the best."""
+
 
 def score_key(cfg: Config) -> str:
     """The metric an in-training score reports and a search minimises by default."""

@@ -59,6 +59,24 @@ def test_in_training_fid_picks_the_best_checkpoint_not_the_last(ray_session, sta
     assert 0 < out.best_metric < 1e4
 
 
+def test_checkpoints_between_scores_never_rank_best(ray_session, stage_context, tmp_path, digits):
+    """fid_every_kimg = 2 x checkpoint_every_kimg, one checkpoint kept: the unscored ones must not evict the best."""
+    ctx = stage_context
+    dataset_dir, evaluator_dir = digits
+    cfg = digits_cfg(tmp_path, "name=digits-unscored", "train.kimg=2", "train.fid_every_kimg=1",
+                     "train.keep_checkpoints=1")
+    run_id = ctx.tracker.start_run("tests", "train")
+    out = ray_train.train(cfg, dataset_dir, storage_path=tmp_path / "ray", evaluator_dir=evaluator_dir,
+                          tracking=ray_train.Tracking(ctx.tracker.tracking_uri, run_id))
+    history = {m.step: m.value for m in ctx.tracker.metric_history(run_id, FID)}
+    steps = sorted(history)
+    assert steps[:2] == [512, 1024] and len(steps) == 3 and steps[2] >= 2000, "scored at the first checkpoint, " \
+        f"every 1 kimg and at the end: {steps}"
+    assert out.best_metric == pytest.approx(min(history.values()))
+    assert read_checkpoint(out.checkpoint_dir)["counters"]["images"] == min(history, key=history.get)
+    assert not ctx.tracker.metric_history(run_id, "train/unscored"), "the placeholder is Ray's, not MLflow's"
+
+
 def live_placement_groups(wait_s: float = 20.0) -> list[dict]:
     """Placement groups not yet REMOVED, polled for up to `wait_s`: Tune frees its trials' groups asynchronously."""
     deadline = time.monotonic() + wait_s

@@ -324,14 +324,18 @@ def install_command(container: dict) -> str:
     return " ".join(container["command"] + container.get("args", []))
 
 
+def assert_valid_in_kuberay_shell(command: str, where: str) -> None:
+    """KubeRay runs `<command> && ulimit -n 65536; ray start ...` in bash: the command must stay valid there."""
+    check = subprocess.run(["bash", "-n", "-c", f"{command} && ulimit -n 65536; ray start --head"],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, f"{where}: {check.stderr}"
+
+
 def test_kuberay_pods_install_the_code_from_the_shared_volume():
     for kind, spec in SPECS.items():
         for group, pod, _ in pods(spec):
             command = install_command(pod["containers"][0])
-            # KubeRay runs `<command> && ulimit -n 65536; ray start ...` in bash: it must stay valid there.
-            check = subprocess.run(["bash", "-n", "-c", f"{command} && ulimit -n 65536; ray start --head"],
-                                   capture_output=True, text=True)
-            assert check.returncode == 0, f"{kind} {group}: {check.stderr}"
+            assert_valid_in_kuberay_shell(command, f"{kind} {group}")
             pip = shlex.split(command.split("flock", 1)[1].split("||")[0])
             assert pip[pip.index("pip") + 1] == "install", command
             code = pip[pip.index("-e") + 1]
@@ -439,9 +443,7 @@ def test_bucket_kuberay_pods_install_the_projects_dependencies():
     for kind, spec in BUCKET_SPECS.items():
         for group, pod, _ in pods(spec):
             command = install_command(pod["containers"][0])
-            check = subprocess.run(["bash", "-n", "-c", f"{command} && ulimit -n 65536; ray start --head"],
-                                   capture_output=True, text=True)
-            assert check.returncode == 0, f"{kind} {group}: {check.stderr}"
+            assert_valid_in_kuberay_shell(command, f"{kind} {group}")
             assert command.rstrip().endswith("|| exit 1"), f"{kind} {group}: a failed install must stop the pod"
             got = check_installs_project_dependencies(command, f"{kind} {group}")
             # Ray fetches an s3:// working_dir with boto3 and smart_open, which must be there before `ray start`.
