@@ -41,6 +41,10 @@ def with_retries(fn: Callable[[], T], *, attempts: int = 8, base_delay: float = 
     raise AssertionError("unreachable")
 
 
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+"""Opens the experiment in the MLflow UI's model training view (without it, MLflow 3 guesses and may pick GenAI)."""
+
+
 class Tracker:
     """A handle on one MLflow store. Workers get (tracking_uri, run_id) and build their own."""
 
@@ -59,7 +63,8 @@ class Tracker:
         elif self.tracking_uri.startswith("sqlite:///"):
             location = (Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "artifacts" / name).as_uri()
         try:
-            return with_retries(lambda: self.client.create_experiment(name, artifact_location=location))
+            return with_retries(lambda: self.client.create_experiment(name, artifact_location=location,
+                                                                      tags=EXPERIMENT_TAGS))
         except Exception:
             # Another process created it between our lookup and create.
             found = with_retries(lambda: self.client.get_experiment_by_name(name))

@@ -44,6 +44,13 @@ def _assert_nothing_lost(tracker: Tracker, run_ids: list[str]) -> None:
     assert len(shared) == WRITERS * METRICS
 
 
+def test_experiments_open_in_the_model_training_view(tmp_path):
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    tracker.start_run("kind", "pipeline")
+    experiment = tracker.client.get_experiment_by_name("kind")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+
+
 def test_eight_processes_log_to_sqlite_without_losing_a_metric(tmp_path):
     tracker, run_ids = _hammer(f"sqlite:///{tmp_path / 'mlflow.db'}")
     _assert_nothing_lost(tracker, run_ids)
