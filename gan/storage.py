@@ -152,14 +152,10 @@ def list_names(uri: str | Path) -> list[str]:
 
 
 def upload(local_dir: str | Path, uri: str | Path, *, last: str | None = None) -> str:
-    """Copies a local folder's files to `uri`, the file `last` (a path relative to the folder) after all others:
-    object stores have no rename, so a marker written last is what makes the folder complete."""
+    """Copies a local folder's files to `uri` in object storage, the file `last` (a path relative to the folder)
+    after all others: object stores have no rename, so a marker written last is what makes the folder complete
+    (local targets go through `publish`, which renames)."""
     local_dir = Path(local_dir)
-    if is_local(uri):
-        target = Path(normalize(uri))
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(local_dir, target, dirs_exist_ok=True)
-        return str(target)
     fs, path = resolve(uri)
     files = sorted(p.relative_to(local_dir).as_posix() for p in local_dir.rglob("*") if p.is_file())
     ordered = [f for f in files if f != last] + ([last] if last in files else [])
@@ -186,16 +182,6 @@ def publish(local_dir: str | Path, uri: str | Path, *, last: str) -> str:
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)  # another run published it first
     return str(target)
-
-
-def download(uri: str | Path, local_dir: str | Path) -> Path:
-    """Copies a folder (every object under `uri`) into `local_dir`; StorageError naming it when it is missing."""
-    fs, path = resolve(uri)
-    if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise StorageError(f"{uri} is missing")
-    os.makedirs(local_dir, exist_ok=True)
-    pafs.copy_files(path, str(local_dir), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-    return Path(local_dir)
 
 
 def probe(uri: str | Path, tag: str, *, timeout_s: float = 90.0) -> None:
