@@ -206,11 +206,27 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
     next_ckpt = _next_multiple(state.images, cfg.train.checkpoint_every_kimg)
     window, streak = _Window(), 0
     t_last, images_last = time.perf_counter(), state.images
+    # Where this process's time went since its first step (cumulative seconds, reported with every metric):
+    # steps (data included), saving checkpoints and sample grids, and inside `report` (before this one).
+    started, spent = t_last, {"checkpoint": 0.0, "report": 0.0}
+
+    def timed(kind: str, work: Callable[[], object]) -> None:
+        t = time.perf_counter()
+        try:
+            work()
+        finally:
+            spent[kind] += time.perf_counter() - t
+
+    def save_checkpoint_and_grid(directory: str) -> None:
+        save_state(state, directory, cfg, spec)
+        save_samples(state.G_ema if cfg.optim.ema else unwrap(G), z_fixed, y_fixed, Path(directory) / "samples.png",
+                     scale=spec.scale, centres=spec.centres, title=f"{cfg.name} @ {state.kimg:.1f} kimg")
 
     def emit(with_checkpoint: bool) -> None:
         nonlocal t_last, images_last
         metrics = window.flush()
         now = time.perf_counter()
+        metrics["time/steps_s"] = now - started - spent["checkpoint"] - spent["report"]
         # Wall time since the previous emit, so time blocked inside report (Ray's) counts against img/s.
         metrics["perf/img_per_s"] = (state.images - images_last) / max(now - t_last, 1e-9)
         t_last, images_last = now, state.images
@@ -219,19 +235,15 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
         metrics["optim/lr_d"] = state.opt_d.param_groups[0]["lr"]
         metrics["progress/epoch"] = float(state.epoch)
         state.last_metrics = metrics
-        if not (with_checkpoint and rank == 0):
+        tmp = tempfile.mkdtemp(prefix="gan-ckpt-") if with_checkpoint and rank == 0 else None
+        try:
+            if tmp is not None:
+                timed("checkpoint", lambda: save_checkpoint_and_grid(tmp))
+            metrics["time/checkpoint_s"], metrics["time/report_s"] = spent["checkpoint"], spent["report"]
             with _rng_kept(device):
-                report(metrics, None)
-        else:
-            tmp = tempfile.mkdtemp(prefix="gan-ckpt-")
-            try:
-                save_state(state, tmp, cfg, spec)
-                save_samples(state.G_ema if cfg.optim.ema else unwrap(G), z_fixed, y_fixed,
-                             Path(tmp) / "samples.png", scale=spec.scale, centres=spec.centres,
-                             title=f"{cfg.name} @ {state.kimg:.1f} kimg")
-                with _rng_kept(device):
-                    report(metrics, tmp)
-            finally:
+                timed("report", lambda: report(metrics, tmp))
+        finally:
+            if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
 
     while state.images < target:

@@ -39,7 +39,7 @@ from gan.checkpoint import STATE_FILE
 from gan.config import Config, ConfigError, from_dict, to_dict
 from gan.data import decode, keep_labels, load_manifest, shard_files, to_model_range
 from gan.loop import DataSpec, fit
-from gan.metrics.in_training import UNSCORED, CheckpointScorer, score_key
+from gan.metrics.in_training import UNSCORED, CheckpointScorer, ScoreSchedule, score_key
 from gan.parallel import ddp_options
 from gan.samples import save_loss_curves
 from pipelines.tracking import Tracker
@@ -68,22 +68,23 @@ class TrainOutcome:
 
 class _Scores:
     """In-training scores: rank 0 scores a checkpoint every train.fid_every_kimg (and at the end) and every rank
-    gets the numbers, so all report the same keys."""
+    gets the numbers, so all report the same keys (with time/score_s, rank 0's seconds spent scoring so far)."""
 
     def __init__(self, cfg: Config, rank: int, world_size: int, dataset_dir: str, evaluator_dir: str | None):
         self.key = score_key(cfg)
-        self.every = round(cfg.train.fid_every_kimg * 1000)
-        self.target = math.ceil(cfg.train.kimg * 1000)
         self.rank, self.world_size = rank, world_size
         self.scorer = CheckpointScorer(cfg, dataset_dir, evaluator_dir) if rank == 0 else None
-        self.last: int | None = None
+        self.schedule = ScoreSchedule(cfg)
+        self.seconds = 0.0
 
     def __call__(self, images: int, checkpoint_dir: str | None) -> dict[str, float]:
         scores: dict[str, float] = {}
-        if self.rank == 0 and checkpoint_dir is not None and (
-                self.last is None or images // self.every > self.last // self.every or images >= self.target):
+        if self.rank == 0 and checkpoint_dir is not None and self.schedule.due(images):
+            start = time.perf_counter()
             scores = self.scorer(checkpoint_dir)
-            self.last = images
+            self.seconds += time.perf_counter() - start
+        if self.rank == 0:
+            scores["time/score_s"] = self.seconds
         return broadcast_from_rank_zero(scores) if self.world_size > 1 else scores
 
 

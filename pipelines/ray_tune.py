@@ -28,6 +28,7 @@ from gan.metrics.in_training import UNSCORED, score_key
 from gan.tune_space import PBT_MUTABLE, SPEC_KINDS, applies
 from pipelines import ray_train
 from pipelines.tracking import Tracker
+from pipelines.tune_trial import PHASES, TrialClock, trial_start
 
 
 class SearchInterrupted(RuntimeError):
@@ -45,7 +46,8 @@ class TuneOutcome:
     trial_run_id: str
     """The best trial's MLflow run."""
     trials: list[dict[str, Any]]
-    """Per trial: trial_id, status (finished, stopped_early, diverged, error), kimg, best_metric, run_id."""
+    """Per trial: trial_id, status (finished, stopped_early, diverged, error), kimg, best_metric, run_id, space (its
+    sampled values) and seconds (its lifetime, `trial`, split into tune_trial.PHASES)."""
 
 
 def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
@@ -121,6 +123,7 @@ def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """One trial: builds its config, resumes from Tune's checkpoint (its own, or after a PBT exploit a better
     trial's), trains on a TorchTrainer and reports every scored checkpoint to Tune."""
     trial_id = rt.get_context().get_trial_id()
+    clock = TrialClock(trial_start())
     search_cfg = from_dict(setup["config"])
     cfg = trial_config(search_cfg, config["space"], f"{search_cfg.name}-{trial_id}")
     tracker = Tracker(setup["tracking_uri"])
@@ -169,6 +172,7 @@ def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
                 item = reports.get(timeout=1.0)
             except Empty:
                 continue
+            clock.report_arrived(item["metrics"])
             try:
                 scored = setup["metric"] in item["metrics"] and UNSCORED not in item["metrics"]
                 if scored and item["checkpoint"]:
@@ -176,13 +180,16 @@ def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
             except BaseException:  # Tune stopped the trial (ASHA, a PBT exploit, an interrupt): SystemExit
                 # This process ends within moments: have the Train run abort, and free its workers ourselves
                 # in case it does not get to it (Train's own cleaner needs the dashboard's State API).
+                clock.report_done(item["metrics"])
                 acks.put(ray_train.ForwardReports.STOP)
                 _remove_placement_group(group_file)
                 raise
             acks.put(True)
+            clock.report_done(item["metrics"])
         thread.join()
     finally:
         _remove_placement_group(group_file)
+        tracker.log_metrics(run_id, clock.summary(), step=round(clock.last.get("progress/kimg", 0.0) * 1000))
     if "error" in box:
         diverged = "NonFiniteLossError" in str(box["error"])
         tracker.set_tags(run_id, {"diverged": str(diverged).lower()})
@@ -331,6 +338,11 @@ def _kimg_spent(result: Any) -> float:
     return float(sum(max(0.0, b - a) for a, b in zip(kimg, kimg[1:], strict=False)))
 
 
+def _seconds(tracker: Tracker, run_id: str) -> dict[str, float]:
+    """A trial's time by phase, summed over its starts (a PBT exploit or a resume starts it again)."""
+    return {p: sum(m.value for m in tracker.metric_history(run_id, f"time/{p}_s")) for p in ("trial", *PHASES)}
+
+
 def _outcome(cfg: Config, grid: Any, metric: str, tracker: Tracker, setup: dict[str, Any]) -> TuneOutcome:
     trials, best = [], None
     for result in grid:
@@ -349,7 +361,8 @@ def _outcome(cfg: Config, grid: Any, metric: str, tracker: Tracker, setup: dict[
         if run_id:
             tracker.set_tags(run_id, {"tune.status": status})
         trials.append({"trial_id": trial_id, "status": status, "kimg": kimg, "run_id": run_id,
-                       "best_metric": top[1][metric] if top else None, "space": result.config["space"]})
+                       "best_metric": top[1][metric] if top else None, "space": result.config["space"],
+                       "seconds": _seconds(tracker, run_id) if run_id else {}})
         if top is not None and result.error is None and (best is None or top[1][metric] < best[1][1][metric]):
             best = (result, top, run_id)
     if best is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -25,6 +26,22 @@ def score_key(cfg: Config) -> str:
     return "train/mode_gap" if cfg.data.is_points else f"train/fid_{count_tag(cfg.train.fid_samples)}"
 
 
+class ScoreSchedule:
+    """Which checkpoints get an in-training score: the first, then one per `train.fid_every_kimg`, and the last."""
+
+    def __init__(self, cfg: Config):
+        self.every = round(cfg.train.fid_every_kimg * 1000)
+        self.target = math.ceil(cfg.train.kimg * 1000)
+        self.last: int | None = None
+
+    def due(self, images: int) -> bool:
+        """Whether the checkpoint at `images` is scored; a due one counts as scored from here on."""
+        if self.last is None or images // self.every > self.last // self.every or images >= self.target:
+            self.last = images
+            return True
+        return False
+
+
 class CheckpointScorer:
     """Scores the primary generator (G_ema, or G) of a checkpoint folder; the real side is computed once.
 
@@ -35,19 +52,16 @@ class CheckpointScorer:
 
     def __init__(self, cfg: Config, dataset_dir: str | Path, evaluator_dir: str | Path | None):
         self.cfg, self.key = cfg, score_key(cfg)
-        self.manifest = load_manifest(dataset_dir)
         if not cfg.data.is_points and evaluator_dir is None:
             raise ValueError(f"train.fid_every_kimg={cfg.train.fid_every_kimg:g} on image data needs an evaluator "
                              f"(evaluator_dir)")
-        self.evaluator = load_evaluator(evaluator_dir) if not cfg.data.is_points else None
-        self._real: torch.Tensor | None = None
+        self.dataset_dir = str(dataset_dir)
+        self.evaluator_dir = str(evaluator_dir) if evaluator_dir is not None else None
+        self.evaluator = _evaluator(self.evaluator_dir) if not cfg.data.is_points else None
 
     def real(self) -> torch.Tensor:
-        if self._real is None:
-            x, _ = read_split(self.manifest, "train", verify=False)
-            self._real, _ = real_features(x, self.evaluator, num_samples=self.cfg.train.fid_samples,
-                                          batch_size=self.cfg.eval.batch_size, seed=self.cfg.eval.seed)
-        return self._real
+        return _real_side(self.dataset_dir, self.evaluator_dir, self.cfg.train.fid_samples, self.cfg.eval.batch_size,
+                          self.cfg.eval.seed)
 
     @torch.no_grad()
     def __call__(self, checkpoint_dir: str | Path) -> dict[str, float]:
@@ -71,3 +85,18 @@ class CheckpointScorer:
             fakes.append(to_model_range(to_pixels(x)))  # scored as the uint8 pixels they would be saved as
         fake, _ = extract(self.evaluator, fakes)
         return {self.key: fid_from_features(self.real(), fake)}
+
+
+# A process scores many checkpoints, and a Tune trial process many trials, of the same data and evaluator: both are
+# immutable once published (their folders are named by content hashes), so they are loaded once per process.
+@functools.lru_cache(maxsize=2)
+def _evaluator(evaluator_dir: str) -> torch.nn.Module:
+    return load_evaluator(evaluator_dir)
+
+
+@functools.lru_cache(maxsize=2)
+def _real_side(dataset_dir: str, evaluator_dir: str, num_samples: int, batch_size: int, seed: int) -> torch.Tensor:
+    x, _ = read_split(load_manifest(dataset_dir), "train", verify=False)
+    features, _ = real_features(x, _evaluator(evaluator_dir), num_samples=num_samples, batch_size=batch_size,
+                                seed=seed)
+    return features
