@@ -98,10 +98,10 @@ def print_breakdowns(searches: dict[str, tuple[list[dict[str, Any]], float]], sl
     print(f"| search | wall s | trials | {' | '.join(PHASES)} | idle | training share | overhead/trial median | max |")
     print(f"| --- | ---: | ---: | {' | '.join('---:' for _ in PHASES)} | ---: | ---: | ---: | ---: |")
     for name, (trials, wall) in searches.items():
-        timed = [t["seconds"] for t in trials if t["seconds"].get("trial")]
+        timed = [t["seconds"] for t in trials if t["seconds"].get("total")]
         total = {p: sum(s[p] for s in timed) for p in PHASES}
         capacity = slots.get(name, 2) * wall
-        idle = capacity - sum(s["trial"] for s in timed)
+        idle = capacity - sum(s["total"] for s in timed)
         overhead = [s["startup"] + s["teardown"] for s in timed] or [float("nan")]
         print(f"| {name} | {wall:.0f} | {len(timed)}/{len(trials)} | {' | '.join(f'{total[p]:.0f}' for p in PHASES)} "
               f"| {idle:.0f} | {total['train'] / capacity:.0%} | {statistics.median(overhead):.1f} | "

@@ -6,27 +6,11 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
+from bench.quickstart import run_quickstart
 from tests.s3 import s3_server
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_quickstart(workdir: Path, storage: str | None, env: dict[str, str], overrides: list[str]) -> float:
-    """Seconds of one `python -m pipelines run --config configs/quickstart.yaml` (a fresh local Ray, SQLite MLflow)."""
-    cmd = [sys.executable, "-m", "pipelines", "run", "--config", "configs/quickstart.yaml", "--workdir", str(workdir),
-           *(["--storage", storage] if storage else []), *[a for o in overrides for a in ("--set", o)]]
-    start = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    seconds = time.perf_counter() - start
-    if done.returncode != 0:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
-    return seconds
 
 
 def main() -> None:
@@ -43,7 +27,7 @@ def main() -> None:
             for variant in times:
                 work = Path(tmp) / f"{variant.replace(' ', '-')}-{round_}"
                 storage = s3.uri(f"round-{round_}") if variant == "bucket" else None
-                seconds = run_quickstart(work, storage, env, args.overrides)
+                seconds, _ = run_quickstart(work, storage=storage, env=env, overrides=tuple(args.overrides))
                 times[variant].append(seconds)
                 print(f"round {round_ + 1}: {variant:10s} {seconds:7.1f} s", flush=True)
             print(f"round {round_ + 1}: bucket / local disk = {times['bucket'][-1] / times['local disk'][-1]:.2f}",

@@ -268,7 +268,8 @@ class EvalConfig:
 @dataclass(frozen=True, kw_only=True)
 class ScaleConfig:
     num_workers: int = 1
-    """Ray Train workers (data-parallel replicas)."""
+    """Ray Train workers (data-parallel replicas). In a search, 1 trains each trial inside its Tune trial process
+    (no TorchTrainer per trial), as many at once as the cluster's CPUs (or GPUs) hold."""
     use_gpu: bool = False
     """One GPU per worker."""
     cpus_per_worker: float = 1.0

@@ -49,7 +49,9 @@ class TuneConfig:
     seed: int = 0
     """Seed of the search-space draws: the same seed gives the same trial configs."""
     cpus_per_trial: float = 0.25
-    """CPUs the trial's Tune trainable holds besides its Ray Train workers (fractions allowed, > 0)."""
+    """CPUs a trial's Tune trainable holds besides its Ray Train workers when the trial runs a TorchTrainer
+    (scale.num_workers > 1, or a training split over data.cache_mb); fractions allowed, > 0. A single-worker trial
+    trains inside its trainable, which then holds one worker's scale.cpus_per_worker (and GPU)."""
 
     def __post_init__(self) -> None:
         _check(self.scheduler in SCHEDULERS, "tune.scheduler", f"must be one of {', '.join(SCHEDULERS)}",

@@ -11,6 +11,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from gan import storage
 from gan.checkpoint import STATE_FILE
 from gan.config import Config, ConfigError, from_dict, to_dict
 from gan.data import decode, keep_labels, load_manifest, shard_files, to_model_range
+from gan.data.batches import epoch_seed, shuffled
 from gan.loop import DataSpec, fit
 from gan.metrics.in_training import UNSCORED, CheckpointScorer, ScoreSchedule, score_key
 from gan.parallel import ddp_options
@@ -66,7 +68,7 @@ class TrainOutcome:
     """Its in-training score (metrics[score_key(cfg)]), when scoring is on."""
 
 
-class _Scores:
+class InTrainingScores:
     """In-training scores: rank 0 scores a checkpoint every train.fid_every_kimg (and at the end) and every rank
     gets the numbers, so all report the same keys (with time/score_s, rank 0's seconds spent scoring so far)."""
 
@@ -88,24 +90,30 @@ class _Scores:
         return broadcast_from_rank_zero(scores) if self.world_size > 1 else scores
 
 
-class _WorkerReport:
-    """Injected as fit's `report`: in-training scores, MLflow from rank 0, then ray.train.report with rank 0's
-    checkpoint."""
+class WorkerReport:
+    """Injected as fit's `report`: in-training scores, MLflow from rank 0, then `send` (by default ray.train.report
+    with rank 0's checkpoint). `last` holds the metrics of the latest report as sent."""
 
-    def __init__(self, rank: int, tracking: Tracking | None, faults: dict[str, Any], scores: _Scores | None = None):
+    def __init__(self, rank: int, tracking: Tracking | None, faults: dict[str, Any],
+                 scores: InTrainingScores | None = None, *,
+                 send: Callable[[dict[str, Any], str | None], None] | None = None, progress: bool = True):
         self.rank = rank
         self.tracker = Tracker(tracking.tracking_uri) if tracking and rank == 0 else None
         self.run_id = tracking.run_id if tracking else None
         self.faults = faults
         self.scores = scores
+        self.send = send or self.to_train
+        self.progress = progress and rank == 0
         self.history: list[dict[str, float]] = []
+        self.last: dict[str, Any] = {}
 
     def __call__(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         _maybe_fail(self.faults, self.rank, metrics["progress/kimg"])
         images = round(metrics["progress/kimg"] * 1000)
         if self.scores is not None:
             metrics = {**metrics, **self.scores(images, checkpoint_dir)}
-        if self.rank == 0:  # sys.__stdout__: Ray Train tees a print to a wrapped sys.stdout, printing it twice
+        self.last = metrics
+        if self.progress:  # sys.__stdout__: Ray Train tees a print to a wrapped sys.stdout, printing it twice
             print(f"[train] {metrics['progress/kimg']:8.2f} kimg  {metrics['perf/img_per_s']:8.0f} img/s  "
                   f"loss/d {metrics.get('loss/d', float('nan')):.3f}  loss/g {metrics.get('loss/g', float('nan')):.3f}"
                   f"{'  checkpoint' if checkpoint_dir else ''}", file=sys.__stdout__, flush=True)
@@ -115,6 +123,10 @@ class _WorkerReport:
             if checkpoint_dir is not None:
                 self.tracker.log_artifact(self.run_id, Path(checkpoint_dir) / "samples.png", SAMPLE_DIR,
                                           name=f"kimg-{images / 1000:09.3f}.png")
+        self.send(metrics, checkpoint_dir)
+
+    def to_train(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        images = round(metrics["progress/kimg"] * 1000)
         checkpoint = Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         if checkpoint is not None and self.scores is not None and self.scores.key not in metrics:
             # Ray ranks a checkpoint without the score attribute as -inf before applying "min", i.e. as the best,
@@ -151,19 +163,12 @@ def _batches(cfg: Config, manifest: Any, rank: int, world_size: int, faults: dic
     number of full batches, so all ranks still take the same number of steps)."""
     shard = ray.train.get_dataset_shard("train")
     local_batch = cfg.train.batch_size // world_size
-    nan_after = faults.get("nan_after_kimg")
-    seen = 0
     cached: tuple[np.ndarray, np.ndarray | None] | None = None
 
     def stored(e: int):
         nonlocal cached
         if cached is not None:
-            x_all, y_all = cached
-            order = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(
-                cfg.train.seed * 1000 + e * 97 + rank)).numpy()
-            for i in range(len(order) // local_batch):
-                idx = order[i * local_batch:(i + 1) * local_batch]
-                yield x_all[idx], (None if y_all is None else y_all[idx])
+            yield from shuffled(*cached, local_batch, epoch_seed(cfg.train.seed, e, rank))
             return
         parts, size = [], 0
         for batch in shard.iter_batches(batch_size=local_batch, batch_format="pyarrow", drop_last=True,
@@ -178,10 +183,19 @@ def _batches(cfg: Config, manifest: Any, rank: int, world_size: int, faults: dic
             ys = [y for _, y in parts]
             cached = (np.concatenate([x for x, _ in parts]), None if ys[0] is None else np.concatenate(ys))
 
+    return model_batches(stored, manifest.scale, world_size, faults)
+
+
+def model_batches(stored: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray | None]]], scale: float,
+                  world_size: int, faults: dict[str, Any]) -> Callable[[int], Iterator[tuple[torch.Tensor, Any]]]:
+    """fit's `batches` from stored values by epoch: tensors in the model range, labels as tensors."""
+    nan_after = faults.get("nan_after_kimg")
+    seen = 0
+
     def epoch(e: int):
         nonlocal seen
         for x, y in stored(e):
-            real = to_model_range(x, manifest.scale)
+            real = to_model_range(x, scale)
             seen += real.shape[0] * world_size
             if nan_after is not None and seen > nan_after * 1000:
                 real = real * float("nan")  # test hook: a diverging run
@@ -199,18 +213,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     _quiet_report_log()
     device = get_device()
-    autocast_dtype = None
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-        autocast_dtype = torch.bfloat16
-    else:
-        torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
-
-    def wrap(module: torch.nn.Module) -> torch.nn.Module:
-        if device.type == "cuda" and cfg.model.family == "dcgan":
-            module = module.to(memory_format=torch.channels_last)
-        return prepare_model(module, parallel_strategy_kwargs=ddp_options(device.type))
-
+    autocast_dtype = precision_for(cfg, device)
     resume = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and loop_config.get("resume_from"):
@@ -219,26 +222,54 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         fs, path = storage.resolve(loop_config["resume_from"])
         checkpoint = Checkpoint(path, filesystem=fs)
     if checkpoint is not None:
-        resume = checkpoint.to_directory(tempfile.mkdtemp(prefix="gan-resume-"))
-        _use_config_optim(resume, cfg)
+        resume = local_resume(checkpoint, cfg)
     if rank == 0 and loop_config.get("placement_group_file"):
         group = ray.util.get_current_placement_group()
         storage.write_bytes(loop_config["placement_group_file"], (group.id.hex() if group else "").encode())
     scores = None
     if cfg.train.scores:
-        scores = _Scores(cfg, rank, world_size, loop_config["dataset_dir"], loop_config.get("evaluator_dir"))
-    report = _WorkerReport(rank, tracking, faults, scores)
+        scores = InTrainingScores(cfg, rank, world_size, loop_config["dataset_dir"], loop_config.get("evaluator_dir"))
+    report = WorkerReport(rank, tracking, faults, scores)
     nodes = _worker_nodes(world_size)
     if report.tracker is not None:  # which node each rank runs on: in the MLflow UI, and what a lost node cost
         report.tracker.set_tags(report.run_id, {"ray.worker_nodes": json.dumps(nodes)})
     try:
         fit(cfg, _batches(cfg, manifest, rank, world_size, faults), spec=DataSpec.from_manifest(manifest),
-            report=report, resume=resume, wrap=wrap, device=device, rank=rank, world_size=world_size,
+            report=report, resume=resume, wrap=model_wrapper(cfg, device, data_parallel=True), device=device,
+            rank=rank, world_size=world_size,
             autocast_dtype=autocast_dtype)
         report.finish()
     finally:
         if resume is not None:
             shutil.rmtree(resume, ignore_errors=True)
+
+
+def precision_for(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """Sets this process up for training on `device` and returns the autocast dtype: bf16 on CUDA, none on CPU
+    (where torch gets the worker's whole CPUs as threads)."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+        return torch.bfloat16
+    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    return None
+
+
+def model_wrapper(cfg: Config, device: torch.device, *, data_parallel: bool) -> Callable[[torch.nn.Module],
+                                                                                          torch.nn.Module]:
+    """fit's `wrap`: channels-last convolutions on CUDA, and DDP (Ray Train's prepare_model) when data-parallel."""
+    def wrap(module: torch.nn.Module) -> torch.nn.Module:
+        if device.type == "cuda" and cfg.model.family == "dcgan":
+            module = module.to(memory_format=torch.channels_last)
+        return prepare_model(module, parallel_strategy_kwargs=ddp_options(device.type)) if data_parallel else module
+    return wrap
+
+
+def local_resume(checkpoint: Checkpoint, cfg: Config) -> str:
+    """A checkpoint copied into a local temporary folder (the caller removes it), with the config's optimizer
+    settings."""
+    directory = checkpoint.to_directory(tempfile.mkdtemp(prefix="gan-resume-"))
+    _use_config_optim(directory, cfg)
+    return directory
 
 
 def _worker_nodes(world_size: int) -> list[str]:

@@ -1,34 +1,37 @@
-"""Hyperparameter search (the only module importing ray.tune): a function trainable runs one TorchTrainer per trial
-under ASHA, PBT or random search over the config's `tune.space`, each trial one MLflow run nested in the stage's."""
+"""Hyperparameter search (with tune_output.py and tune_workers.py, the only modules importing ray.tune): ASHA, PBT or
+random search over the config's `tune.space`, each trial one MLflow run nested in the stage's. A trial that needs one
+worker trains in its own Tune trial process (tune_trial.py); one that needs several runs a TorchTrainer
+(tune_workers.py)."""
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
-import threading
-import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import ray
-from ray import PlacementGroupID
 from ray import tune as rt
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, PopulationBasedTraining
 from ray.tune.search.basic_variant import BasicVariantGenerator
-from ray.util.placement_group import PlacementGroup, remove_placement_group
-from ray.util.queue import Empty, Queue
 
 from gan import storage
 from gan.checkpoint import META_FILE
 from gan.config import Config, ConfigError, apply_overrides, flatten, from_dict, to_dict
-from gan.metrics.in_training import UNSCORED, score_key
+from gan.data import load_manifest, read_split
+from gan.loop import NonFiniteLossError
+from gan.metrics.in_training import score_key
 from gan.tune_space import PBT_MUTABLE, SPEC_KINDS, applies
 from pipelines import ray_train
 from pipelines.tracking import Tracker
-from pipelines.tune_trial import PHASES, TrialClock, trial_start
+from pipelines.tune_output import TrialProgress, ray_output_wanted, search_output
+from pipelines.tune_trial import PHASES, TrialClock, train_in_trial, trains_in_trial, trial_start
+from pipelines.tune_workers import FreeTrialWorkers, free_workers, train_on_workers
 
 
 class SearchInterrupted(RuntimeError):
@@ -47,23 +50,38 @@ class TuneOutcome:
     """The best trial's MLflow run."""
     trials: list[dict[str, Any]]
     """Per trial: trial_id, status (finished, stopped_early, diverged, error), kimg, best_metric, run_id, space (its
-    sampled values) and seconds (its lifetime, `trial`, split into tune_trial.PHASES)."""
+    sampled values) and seconds (its lifetime, `total`, split into tune_trial.PHASES)."""
 
 
-def max_concurrent_trials(cfg: Config, resources: dict[str, float]) -> int:
-    """How many trials run at once: each holds its trainable's tune.cpus_per_trial plus its workers, and one whole CPU
-    stays free for Ray Data's Parquet read tasks (without it they never schedule)."""
+def trial_resources(cfg: Config, in_trial: bool) -> dict[str, float]:
+    """What a trial's Tune trainable reserves: a worker's resources when it trains in itself, else
+    tune.cpus_per_trial (its TorchTrainer's workers reserve their own)."""
+    if not in_trial:
+        return {"CPU": cfg.tune.cpus_per_trial}
+    return {"CPU": cfg.scale.cpus_per_worker, **({"GPU": 1.0} if cfg.scale.use_gpu else {}),
+            **cfg.scale.worker_resources}
+
+
+def max_concurrent_trials(cfg: Config, resources: dict[str, float], in_trial: bool = False) -> int:
+    """How many trials run at once. A trial that trains in itself holds one worker's CPUs (and GPU); one on a
+    TorchTrainer holds tune.cpus_per_trial plus its workers, and one whole CPU stays free for Ray Data's Parquet
+    read tasks (without it they never schedule)."""
     cpus = resources.get("CPU", 0.0)
-    per_trial = cfg.tune.cpus_per_trial + cfg.scale.num_workers * cfg.scale.cpus_per_worker
-    fits = int((cpus - 1.0) / per_trial + 1e-9)
+    workers = 1 if in_trial else cfg.scale.num_workers
+    if in_trial:
+        fits, why = int(cpus / cfg.scale.cpus_per_worker + 1e-9), (
+            f"a trial trains in itself on scale.cpus_per_worker={cfg.scale.cpus_per_worker:g} CPUs")
+    else:
+        per_trial = cfg.tune.cpus_per_trial + cfg.scale.num_workers * cfg.scale.cpus_per_worker
+        fits, why = int((cpus - 1.0) / per_trial + 1e-9), (
+            f"a trial takes tune.cpus_per_trial={cfg.tune.cpus_per_trial:g} + scale.num_workers="
+            f"{cfg.scale.num_workers} x scale.cpus_per_worker={cfg.scale.cpus_per_worker:g} CPUs and Ray Data needs "
+            f"1 CPU free")
     if cfg.scale.use_gpu:
-        fits = min(fits, int(resources.get("GPU", 0.0) // cfg.scale.num_workers))
+        fits = min(fits, int(resources.get("GPU", 0.0) // workers))
     if fits < 1:
-        raise ConfigError(
-            f"not even one trial fits: a trial takes tune.cpus_per_trial={cfg.tune.cpus_per_trial:g} + "
-            f"scale.num_workers={cfg.scale.num_workers} x scale.cpus_per_worker={cfg.scale.cpus_per_worker:g} CPUs "
-            f"(and a GPU per worker when scale.use_gpu), the cluster has {cpus:g} CPUs and "
-            f"{resources.get('GPU', 0.0):g} GPUs, and Ray Data needs 1 CPU free")
+        raise ConfigError(f"not even one trial fits: {why} (and a GPU per worker when scale.use_gpu); the cluster "
+                          f"has {cpus:g} CPUs and {resources.get('GPU', 0.0):g} GPUs")
     if cfg.tune.max_concurrent_trials:
         if cfg.tune.max_concurrent_trials > fits:
             raise ConfigError(f"tune.max_concurrent_trials={cfg.tune.max_concurrent_trials} trials do not fit: "
@@ -121,116 +139,61 @@ def _trial_run(tracker: Tracker, setup: dict[str, Any], trial_id: str, cfg: Conf
 
 def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """One trial: builds its config, resumes from Tune's checkpoint (its own, or after a PBT exploit a better
-    trial's), trains on a TorchTrainer and reports every scored checkpoint to Tune."""
-    trial_id = rt.get_context().get_trial_id()
+    trial's), trains (in this process, or on a TorchTrainer when it needs several workers) and reports every scored
+    checkpoint to Tune. Its MLflow run gets where its time went (trial_time/*_s) however it ends."""
     clock = TrialClock(trial_start())
+    # Tune waits this long for a stopped trial's thread to end before reusing its process for the next trial
+    # (default 2 s): the thread still logs its time and ends its MLflow run, which can take longer under load.
+    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
+    if not setup["verbose"]:  # "Checkpoint successfully created at ..." at INFO on every report
+        logging.getLogger("ray.train").setLevel(logging.WARNING)
+    trial_id = rt.get_context().get_trial_id()
     search_cfg = from_dict(setup["config"])
     cfg = trial_config(search_cfg, config["space"], f"{search_cfg.name}-{trial_id}")
     tracker = Tracker(setup["tracking_uri"])
     run_id = _trial_run(tracker, setup, trial_id, cfg)
     checkpoint = rt.get_checkpoint()
-    checkpoint_uri = storage.uri_of(setup["search"], checkpoint.path) if checkpoint is not None else None
-    images = 0
-    if checkpoint_uri is not None:
-        meta = json.loads(storage.read_bytes(storage.join(checkpoint_uri, META_FILE)))
-        images = int(meta["images"])
-        if meta["name"] != cfg.name:
-            donor = meta["name"].removeprefix(f"{search_cfg.name}-")
-            tracker.set_tags(run_id, {"pbt.exploited_from": donor})
-            tracker.log_metrics(run_id, {"pbt/exploited": 1.0}, step=images)
-    # Hyperparameters PBT may change are tracked as metrics: MLflow refuses to change a param.
-    tracker.log_metrics(run_id, {f"hp/{k}": flatten(cfg)[k] for k in PBT_MUTABLE}, step=images)
+    _log_start(tracker, run_id, cfg, search_cfg.name, checkpoint, setup["search"])
     faults = dict(setup["faults"])
     if faults.get("trial_index") not in (None, _trial_index(trial_id)):
         faults = {}
-    # Not TuneReportCallback: it forwards only the checkpoint's path, so Tune would hold no checkpoint for PBT to
-    # exploit or for a resumed search to restore. ForwardReports hands this thread each report to re-report with one.
-    reports, acks = Queue(maxsize=1, actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
-    run_name = f"{trial_id}-{uuid.uuid4().hex[:8]}"
-    group_file = storage.join(setup["train_storage"], f"{run_name}.placement_group")
-    train_fs, _ = storage.resolve(setup["train_storage"])
-    trainer = ray_train.build_trainer(
-        cfg, setup["dataset_dir"], storage_path=setup["train_storage"], run_name=run_name,
-        tracking=ray_train.Tracking(setup["tracking_uri"], run_id), max_failures=0, faults=faults,
-        evaluator_dir=setup["evaluator_dir"], resume_from=checkpoint_uri,
-        callbacks=[ray_train.ForwardReports(reports, acks)], in_memory_data=True,
-        placement_group_file=str(group_file))
-    box: dict[str, BaseException] = {}
-
-    def fit() -> None:
-        try:
-            trainer.fit()
-        except BaseException as err:  # handed to the trial's thread below
-            box["error"] = err
-
-    # The trainer runs beside this thread, which turns its scored reports into Tune results with checkpoints.
-    thread = threading.Thread(target=fit, daemon=True)
-    thread.start()
+    tracking = ray_train.Tracking(setup["tracking_uri"], run_id)
     try:
-        while thread.is_alive() or not reports.empty():
-            try:
-                item = reports.get(timeout=1.0)
-            except Empty:
-                continue
-            clock.report_arrived(item["metrics"])
-            try:
-                scored = setup["metric"] in item["metrics"] and UNSCORED not in item["metrics"]
-                if scored and item["checkpoint"]:
-                    rt.report(item["metrics"], checkpoint=rt.Checkpoint(item["checkpoint"], filesystem=train_fs))
-            except BaseException:  # Tune stopped the trial (ASHA, a PBT exploit, an interrupt): SystemExit
-                # This process ends within moments: have the Train run abort, and free its workers ourselves
-                # in case it does not get to it (Train's own cleaner needs the dashboard's State API).
-                clock.report_done(item["metrics"])
-                acks.put(ray_train.ForwardReports.STOP)
-                _remove_placement_group(group_file)
-                raise
-            acks.put(True)
-            clock.report_done(item["metrics"])
-        thread.join()
-    finally:
-        _remove_placement_group(group_file)
+        if setup["train_split"] is not None:
+            train_in_trial(cfg, ray.get(setup["train_split"]), dataset_dir=setup["dataset_dir"],
+                           evaluator_dir=setup["evaluator_dir"], tracking=tracking, resume=checkpoint,
+                           send=_to_tune(setup["metric"]), clock=clock, faults=faults)
+        else:
+            train_on_workers(cfg, setup, trial_id, tracking, checkpoint, clock, faults)
+    except Exception as err:
+        tracker.set_tags(run_id, {"diverged": str(isinstance(err, NonFiniteLossError)
+                                                  or "NonFiniteLossError" in str(err)).lower()})
+        tracker.end_run(run_id, "FAILED", error=f"{type(err).__name__}: {err}")
+        raise
+    finally:  # also when Tune stops the trial (SystemExit out of tune.report); the run then stays RUNNING
         tracker.log_metrics(run_id, clock.summary(), step=round(clock.last.get("progress/kimg", 0.0) * 1000))
-    if "error" in box:
-        diverged = "NonFiniteLossError" in str(box["error"])
-        tracker.set_tags(run_id, {"diverged": str(diverged).lower()})
-        tracker.end_run(run_id, "FAILED", error=f"{type(box['error']).__name__}: {box['error']}")
-        raise box["error"]
     tracker.end_run(run_id, "FINISHED")
 
 
-def _remove_placement_group(group_file: str) -> None:
-    """Removes a trial's worker placement group if Ray Train left it. A stopped trial's process is killed with its
-    Train controller, and Train's detached cleaner then finds the dead controller through the State API, which a
-    Ray without its dashboard lacks: the workers' CPUs stayed reserved and later trials never started."""
-    group_id = storage.read_bytes(group_file).decode().strip() if storage.exists(group_file) else ""
-    if not group_id:
-        return
-    group = PlacementGroup(PlacementGroupID(bytes.fromhex(group_id)))
-    if ray.util.placement_group_table(group).get("state") not in (None, "REMOVED"):
-        remove_placement_group(group)
+def _log_start(tracker: Tracker, run_id: str, cfg: Config, search_name: str, checkpoint: Any, search: str) -> None:
+    """What a trial (re)starts from: after a PBT exploit the donor trial, and the learning rates PBT may change,
+    as metrics at the checkpoint's images (MLflow refuses to change a param)."""
+    images = 0
+    if checkpoint is not None:
+        meta = json.loads(storage.read_bytes(storage.join(storage.uri_of(search, checkpoint.path), META_FILE)))
+        images = int(meta["images"])
+        if meta["name"] != cfg.name:
+            tracker.set_tags(run_id, {"pbt.exploited_from": meta["name"].removeprefix(f"{search_name}-")})
+            tracker.log_metrics(run_id, {"pbt/exploited": 1.0}, step=images)
+    tracker.log_metrics(run_id, {f"hp/{k}": flatten(cfg)[k] for k in PBT_MUTABLE}, step=images)
 
 
-class _FreeTrialWorkers(rt.Callback):
-    """Removes an ended trial's worker placement groups from the driver: a trial process that Tune ends while it
-    is not inside tune.report (an interrupt, a stop between reports) is killed before it can do so itself."""
-
-    def __init__(self, train_storage: str):
-        self.train_storage = train_storage
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        _free_workers(self.train_storage, trial.trial_id)
-
-    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        _free_workers(self.train_storage, trial.trial_id)
-
-
-def _free_workers(train_storage: str, trial_id: str = "") -> None:
-    """Removes the placement groups recorded for one trial (all trials when empty) and their records."""
-    for name in storage.list_names(train_storage):
-        if name.endswith(".placement_group") and name.startswith(f"{trial_id}-" if trial_id else ""):
-            group_file = storage.join(train_storage, name)
-            _remove_placement_group(group_file)
-            storage.delete(group_file)
+def _to_tune(metric: str) -> Callable[[dict[str, Any], str | None], None]:
+    """An in-trial report's last step: a scored checkpoint goes to Tune (copied into the trial's storage)."""
+    def send(metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
+        if checkpoint_dir is not None and metric in metrics:
+            rt.report(metrics, checkpoint=rt.Checkpoint.from_directory(checkpoint_dir))
+    return send
 
 
 class _InterruptOnce(rt.Callback):
@@ -265,12 +228,14 @@ def _scheduler(cfg: Config, metric: str) -> Any:
 
 
 def _tuner(cfg: Config, trainable: Any, metric: str, experiment: str, concurrent: int, faults: dict[str, Any],
-           train_storage: str) -> Any:
+           setup: dict[str, Any]) -> Any:
     fs, path = storage.resolve(experiment)
     if rt.Tuner.can_restore(path, storage_filesystem=fs):
         return rt.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
                                 restart_errored=False, storage_filesystem=fs)
-    callbacks: list[rt.Callback] = [_FreeTrialWorkers(train_storage)]
+    callbacks: list[rt.Callback] = [TrialProgress(metric, cfg.train.kimg, cfg.tune.scheduler)]
+    if setup["train_split"] is None:  # trials on TorchTrainers
+        callbacks.append(FreeTrialWorkers(setup["train_storage"]))
     if faults.get("interrupt_after_trials"):
         callbacks.append(_InterruptOnce(faults["interrupt_after_trials"], faults["marker"]))
     keep = None if cfg.tune.scheduler == "pbt" else max(2, cfg.train.keep_checkpoints)  # PBT clones old checkpoints
@@ -279,14 +244,14 @@ def _tuner(cfg: Config, trainable: Any, metric: str, experiment: str, concurrent
         trainable,
         param_space={"space": {k: _domain(spec) for k, spec in cfg.tune.space.items()}},
         tune_config=rt.TuneConfig(scheduler=_scheduler(cfg, metric), num_samples=cfg.tune.num_samples,
-                                  search_alg=search,
+                                  search_alg=search, reuse_actors=setup["train_split"] is not None,
                                   trial_dirname_creator=lambda trial: trial.trial_id),
         run_config=rt.RunConfig(
             name=storage.name(experiment), **ray_train.run_storage(storage.parent(experiment)),
             failure_config=rt.FailureConfig(max_failures=0),
             checkpoint_config=rt.CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=metric,
                                                   checkpoint_score_order="min"),
-            callbacks=callbacks, verbose=1),
+            callbacks=callbacks, verbose=1 if setup["verbose"] else 0),
     )
 
 
@@ -305,7 +270,8 @@ def tune(cfg: Config, dataset_dir: str | Path, *, evaluator_dir: str | Path | No
     if not cfg.train.scores:
         raise ConfigError("a search ranks trials by their in-training score: set train.fid_every_kimg > 0")
     metric = cfg.tune.metric or score_key(cfg)
-    concurrent = max_concurrent_trials(cfg, ray.cluster_resources())
+    in_trial = trains_in_trial(cfg, load_manifest(dataset_dir))
+    concurrent = max_concurrent_trials(cfg, ray.cluster_resources(), in_trial)
     tracker = Tracker(tracking.tracking_uri)
     experiment_id = tracker.run(tracking.run_id).info.experiment_id
     search = storage.join(storage_path, run_name or f"{cfg.name}-search")
@@ -314,18 +280,23 @@ def tune(cfg: Config, dataset_dir: str | Path, *, evaluator_dir: str | Path | No
              "train_storage": storage.join(storage.parent(search), f"{storage.name(search)}-train"),
              "tracking_uri": tracking.tracking_uri, "parent_run_id": tracking.run_id, "experiment_id": experiment_id,
              "experiment": tracker.client.get_experiment(experiment_id).name, "search": search,
-             "metric": metric, "faults": faults or {}}
-    trainable = rt.with_resources(rt.with_parameters(_trial, setup=setup), {"CPU": cfg.tune.cpus_per_trial})
+             "metric": metric, "faults": faults or {}, "verbose": ray_output_wanted(),
+             # Read once here and shared through the object store by every trial that trains in itself.
+             "train_split": ray.put(read_split(dataset_dir, "train", verify=False)) if in_trial else None}
+    trainable = rt.with_resources(rt.with_parameters(_trial, setup=setup), trial_resources(cfg, in_trial))
     try:
-        grid = _tuner(cfg, trainable, metric, search, concurrent, faults or {}, setup["train_storage"]).fit()
+        with search_output():
+            grid = _tuner(cfg, trainable, metric, search, concurrent, faults or {}, setup).fit()
     finally:  # whatever ended the search, no trial keeps its workers' CPUs
-        _free_workers(setup["train_storage"])
+        free_workers(setup["train_storage"])
     fs, path = storage.resolve(search)
     statuses = {t.trial_id: t.status for t in rt.ExperimentAnalysis(path, storage_filesystem=fs).trials}
     unfinished = sorted(t for t, s in statuses.items() if s not in ("TERMINATED", "ERROR"))
-    if unfinished:
-        raise SearchInterrupted(f"search {storage.name(search)} stopped with trials {', '.join(unfinished)} "
-                                f"unfinished; run it again with the same name and storage to resume")
+    unstarted = cfg.tune.num_samples - len(statuses)  # not yet drawn when it stopped: trials start as slots free
+    if unfinished or unstarted > 0:
+        raise SearchInterrupted(f"search {storage.name(search)} stopped with trials {', '.join(unfinished) or '-'} "
+                                f"unfinished and {max(unstarted, 0)} not started; run it again with the same name and "
+                                f"storage to resume")
     return _outcome(cfg, grid, metric, tracker, setup)
 
 
@@ -339,8 +310,8 @@ def _kimg_spent(result: Any) -> float:
 
 
 def _seconds(tracker: Tracker, run_id: str) -> dict[str, float]:
-    """A trial's time by phase, summed over its starts (a PBT exploit or a resume starts it again)."""
-    return {p: sum(m.value for m in tracker.metric_history(run_id, f"time/{p}_s")) for p in ("trial", *PHASES)}
+    """A trial's time by phase (and `total`), summed over its starts (a PBT exploit or a resume starts it again)."""
+    return {p: sum(m.value for m in tracker.metric_history(run_id, f"trial_time/{p}_s")) for p in ("total", *PHASES)}
 
 
 def _outcome(cfg: Config, grid: Any, metric: str, tracker: Tracker, setup: dict[str, Any]) -> TuneOutcome:

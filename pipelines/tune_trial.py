@@ -1,11 +1,27 @@
-"""What one search trial does besides Tune's bookkeeping: where its time goes (TrialClock)."""
+"""A search trial's training when it needs one worker: inside its Tune trial process, with no TorchTrainer, worker
+group or Ray Data pipeline of its own (Tune starts nothing else and reuses the process for the next trial); and
+where any trial's time goes (TrialClock)."""
 
 from __future__ import annotations
 
+import shutil
 import time
+from collections.abc import Callable
 from typing import Any
 
+import numpy as np
+import torch
+
 import pipelines
+from gan.config import Config
+from gan.data import Manifest, keep_labels, load_manifest
+from gan.data.batches import epoch_seed, shuffled
+from gan.loop import DataSpec, fit
+from pipelines import ray_train
+
+Send = Callable[[dict[str, Any], "str | None"], None]
+"""(metrics, checkpoint folder or None) -> None: hands a report to Tune (raises SystemExit when Tune stops the
+trial); the folder is deleted once it returns."""
 
 PHASES = ("startup", "train", "checkpoint", "score", "report", "teardown")
 """A trial's lifetime, in order: start-up (from the trial's start, or its process's when it is the first trial there,
@@ -43,15 +59,61 @@ class TrialClock:
         self.last, self.last_done = metrics, time.time()
 
     def summary(self) -> dict[str, float]:
-        """time/<phase>_s for every phase and time/trial_s, the lifetime they add up to, as of now."""
+        """trial_time/<phase>_s for every phase and trial_time/total_s, the lifetime they add up to, as of now
+        (named apart from the cumulative time/*_s of the reports, which the same MLflow run holds)."""
         now = time.time()
         life = now - self.started
+        spent = dict.fromkeys(PHASES, 0.0)
         if self.first_step is None or self.last_done is None:
-            return {"time/trial_s": life, "time/startup_s": life,
-                    **{f"time/{p}_s": 0.0 for p in PHASES if p != "startup"}}
-        spent = {"startup": self.first_step - self.started, "teardown": now - self.last_done,
-                 "train": float(self.last.get("time/steps_s", 0.0)),
-                 "checkpoint": float(self.last.get("time/checkpoint_s", 0.0)),
-                 "score": float(self.last.get("time/score_s", 0.0))}
-        spent["report"] = max(0.0, life - sum(spent.values()))
-        return {"time/trial_s": life, **{f"time/{p}_s": spent[p] for p in PHASES}}
+            spent["startup"] = life
+        else:
+            spent.update({"startup": self.first_step - self.started, "teardown": now - self.last_done,
+                          "train": float(self.last.get("time/steps_s", 0.0)),
+                          "checkpoint": float(self.last.get("time/checkpoint_s", 0.0)),
+                          "score": float(self.last.get("time/score_s", 0.0))})
+            spent["report"] = max(0.0, life - sum(spent.values()))
+        return {"trial_time/total_s": life, **{f"trial_time/{p}_s": spent[p] for p in PHASES}}
+
+
+def trains_in_trial(cfg: Config, manifest: Manifest) -> bool:
+    """Whether a search's trials train inside their Tune trial processes: one worker each, and a training split
+    that fits in `data.cache_mb` (it is handed to every trial through the object store). Otherwise each trial
+    runs a TorchTrainer, whose workers stream the split with Ray Data."""
+    return cfg.scale.num_workers == 1 and manifest.count("train") * manifest.row_bytes <= cfg.data.cache_mb * 2**20
+
+
+def train_in_trial(cfg: Config, split: tuple[np.ndarray, np.ndarray | None], *, dataset_dir: str,
+                   evaluator_dir: str | None, tracking: ray_train.Tracking, resume: Any, send: Send,
+                   clock: TrialClock, faults: dict[str, Any]) -> None:
+    """Trains one trial's config on `split` (the training split's x and y) in this process, on its GPU when
+    scale.use_gpu, scoring, logging and checkpointing like a Ray Train worker of rank 0; `resume` is Tune's
+    checkpoint (the trial's own, or after a PBT exploit a better trial's) or None."""
+    manifest = load_manifest(dataset_dir)
+    device = torch.device("cuda" if cfg.scale.use_gpu else "cpu")
+    autocast_dtype = ray_train.precision_for(cfg, device)
+    x, y = split
+    if cfg.model.semi_supervised:
+        y = keep_labels(y, cfg.model.labels, cfg.train.seed)
+    scores = None
+    if cfg.train.scores:
+        scores = ray_train.InTrainingScores(cfg, 0, 1, dataset_dir, evaluator_dir)
+    report = ray_train.WorkerReport(0, tracking, faults, scores, send=send, progress=False)
+
+    def timed_report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+        clock.report_arrived(metrics)
+        try:
+            report(metrics, checkpoint_dir)
+        finally:
+            clock.report_done(report.last)
+
+    batches = ray_train.model_batches(
+        lambda e: shuffled(x, y, cfg.train.batch_size, epoch_seed(cfg.train.seed, e, 0)), manifest.scale, 1, faults)
+    resume_dir = ray_train.local_resume(resume, cfg) if resume is not None else None
+    try:
+        fit(cfg, batches, spec=DataSpec.from_manifest(manifest), report=timed_report, resume=resume_dir,
+            wrap=ray_train.model_wrapper(cfg, device, data_parallel=False), device=device,
+            autocast_dtype=autocast_dtype)
+        report.finish()
+    finally:
+        if resume_dir is not None:
+            shutil.rmtree(resume_dir, ignore_errors=True)

@@ -58,7 +58,9 @@ def test_the_bucket_holds_data_evaluator_checkpoints_tune_state_and_the_model(sc
     assert has(r"mn/evaluators/digits-.*/evaluator\.json") and has(r"mn/evaluators/digits-.*/evaluator\.pt")
     assert has(r"mn/ray/mn-search-[0-9a-f]{16}/experiment_state-.*\.json"), "Tune's experiment state"
     assert has(r"mn/ray/mn-search-[0-9a-f]{16}/[0-9a-f]{5}_\d{5}/checkpoint_\d+/state\.pt"), "Tune's trial checkpoints"
-    assert has(r"mn/ray/mn-search-[0-9a-f]{16}-train/.*/checkpoint-\d{12}/state\.pt"), "Train's checkpoints"
+    # Its single-worker trials train inside their Tune trial processes: no Train run, no Train checkpoint (the
+    # lost-node run's Train checkpoints in the bucket are checked below).
+    assert not has(r"mn/ray/mn-search-[0-9a-f]{16}-train/.*"), [k for k in keys if "-train/" in k]
     assert any(k.endswith("/MLmodel") for k in scenario["search"]["mlflow_keys"]), "the model in MLflow's artifacts"
     registered = scenario["search"]["registered"]
     assert registered["is_champion"] and registered["champion_uri"] == "models:/gan-digits@champion"

@@ -14,6 +14,7 @@ from gan.config import load_config
 from pipelines import ray_train, ray_tune
 from pipelines.stages import Context, evaluator_stage, prepare_stage
 from pipelines.tracking import Tracker
+from pipelines.tune_trial import PHASES
 
 pytestmark = pytest.mark.integration
 
@@ -92,10 +93,13 @@ def child_runs(ctx, parent_run_id: str) -> list:
     return ctx.tracker.client.search_runs([exp], filter_string=f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
-def test_asha_search_stops_weak_trials_and_survives_a_diverging_one(ray_session, stage_context, tmp_path, digits):
+def test_asha_search_stops_weak_trials_and_survives_a_diverging_one(ray_session, stage_context, tmp_path, digits,
+                                                                    capfd):
+    """Single-worker trials: each trains inside its Tune trial process, two at a time."""
     ctx = stage_context
     dataset_dir, evaluator_dir = digits
     cfg = digits_cfg(tmp_path, "train.kimg=2", "tune.num_samples=4", "tune.grace_kimg=0.5",
+                     "tune.max_concurrent_trials=2",
                      "tune.reduction_factor=2", "tune.seed=3",
                      "tune.space={optim.lr_g: {loguniform: [1e-4, 1e-2]}, optim.lr_d: {loguniform: [1e-4, 1e-2]},"
                      " model.hidden: {choice: [[16], [32]]}}")
@@ -138,6 +142,19 @@ def test_asha_search_stops_weak_trials_and_survives_a_diverging_one(ray_session,
     # ASHA killed trials' processes mid-run: their Train workers' CPUs must not stay reserved.
     assert live_placement_groups() == []
 
+    for t in trials.values():  # where each trial's time went: phases that add up to its lifetime
+        seconds = t["seconds"]
+        assert seconds["total"] > 0 and seconds["startup"] > 0, t
+        assert sum(seconds[p] for p in PHASES) == pytest.approx(seconds["total"], rel=1e-6), t
+        if t["status"] != "diverged":
+            assert seconds["train"] > 0 and seconds["score"] > 0, t
+    printed = capfd.readouterr().out
+    assert "Trial status:" not in printed and "Checkpoint successfully created" not in printed, "Tune's noise"
+    for trial_id, t in trials.items():
+        assert f"[search] trial {trial_id} started: optim.lr_g=" in printed
+        ended = {"diverged": "failed: ", "stopped_early": "stopped by ASHA at ", "finished": "finished at "}
+        assert f"[search] trial {trial_id} {ended[t['status']]}" in printed, printed
+
 
 def test_pbt_exploits_a_better_trials_checkpoint_and_logs_new_learning_rates(ray_session, stage_context, tmp_path,
                                                                                digits):
@@ -166,10 +183,11 @@ def test_pbt_exploits_a_better_trials_checkpoint_and_logs_new_learning_rates(ray
 
 def test_an_interrupted_search_resumes_without_duplicating_finished_trials(ray_session, stage_context, tmp_path,
                                                                            digits):
+    """2-worker trials: each runs a TorchTrainer, whose workers must be freed when the search is interrupted."""
     ctx = stage_context
     dataset_dir, evaluator_dir = digits
     cfg = digits_cfg(tmp_path, "name=digits-resume", "train.kimg=1", "tune.scheduler=fifo", "tune.num_samples=3",
-                     "tune.space={optim.lr_g: {loguniform: [1e-4, 1e-2]}}")
+                     "scale.num_workers=2", "tune.space={optim.lr_g: {loguniform: [1e-4, 1e-2]}}")
     stage = ctx.tracker.start_run("tests", "train")
     tracking = ray_train.Tracking(ctx.tracker.tracking_uri, stage)
     marker = tmp_path / "interrupted"

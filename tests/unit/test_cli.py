@@ -11,7 +11,7 @@ from pipelines.ray_train import check_resources
 @pytest.mark.parametrize(("overrides", "message"), [
     (["optim.lr_g=-1"], "optim.lr_g must be > 0, got -1"),
     (["data.source=imagenet"], "data.source must be one of"),
-    (["train.batch_size=63"], "train.batch_size must be divisible by scale.num_workers=2"),
+    (["scale.num_workers=2", "train.batch_size=63"], "train.batch_size must be divisible by scale.num_workers=2"),
     (["loss.kind=nope"], "loss.kind must be one of"),
     (["model.family=transformer"], "model.family must be one of"),
     (["optim.lr_d=0"], "optim.lr_d must be > 0, got 0.0"),

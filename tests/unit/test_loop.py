@@ -1,6 +1,7 @@
 """The plain loop: image counting, reports and checkpoints, non-finite handling, and a ring8 smoke run."""
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -127,3 +128,21 @@ def test_ring8_smoke_fit_covers_most_modes():
     assert stats.modes_covered >= 6, stats
     assert stats.high_quality > 0.5, stats
     assert np.isfinite(stats.reverse_kl)
+
+
+def test_reports_say_where_the_time_went_cumulatively():
+    """time/steps_s grows with the steps; a report's own time shows up in the next one; checkpoints are timed."""
+    reports = []
+
+    def report(metrics, ckpt):
+        reports.append(dict(metrics))
+        time.sleep(0.05)
+    cfg = load_config(None, SMALL + ["train.batch_size=50", "train.kimg=1", "train.log_every_kimg=0.25",
+                                     "train.checkpoint_every_kimg=0.5"])
+    fit(cfg, ring_batches(50), spec=SPEC, report=report)
+    steps = [m["time/steps_s"] for m in reports]
+    assert steps == sorted(steps) and steps[0] > 0
+    assert [m["time/report_s"] for m in reports][0] == 0
+    assert all(b["time/report_s"] - a["time/report_s"] >= 0.05 for a, b in zip(reports, reports[1:]))
+    saved = [m["time/checkpoint_s"] for m in reports]
+    assert saved[0] == 0 and saved[1] > 0 and saved[2] == saved[1] and saved[3] > saved[2], saved
