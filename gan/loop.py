@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -65,7 +65,6 @@ class TrainState:
     g_steps: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
-    last_metrics: dict[str, float] = field(default_factory=dict)
 
     @property
     def kimg(self) -> float:
@@ -234,7 +233,6 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
         metrics["optim/lr_g"] = state.opt_g.param_groups[0]["lr"]
         metrics["optim/lr_d"] = state.opt_d.param_groups[0]["lr"]
         metrics["progress/epoch"] = float(state.epoch)
-        state.last_metrics = metrics
         tmp = tempfile.mkdtemp(prefix="gan-ckpt-") if with_checkpoint and rank == 0 else None
         try:
             if tmp is not None:

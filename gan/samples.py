@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -12,20 +14,27 @@ from torchvision.utils import save_image
 from gan.data.transforms import to_points
 
 
+@contextlib.contextmanager
+def eval_mode(module: nn.Module) -> Iterator[nn.Module]:
+    """`module` in eval mode for the block, then back in the mode it was in."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
+
+
 @torch.no_grad()
 def generate(G: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None, batch_size: int = 1000) -> torch.Tensor:
     """G's outputs (model range, on the CPU) for latents `z`, in eval mode, batch by batch."""
-    was_training = G.training
-    G.eval()
-    try:
+    with eval_mode(G):
         device = next(G.parameters()).device
         outs = []
         for i in range(0, z.shape[0], batch_size):
             yb = None if y is None else y[i:i + batch_size].to(device)
             outs.append(G(z[i:i + batch_size].to(device), yb).float().cpu())
         return torch.cat(outs)
-    finally:
-        G.train(was_training)
 
 
 def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from gan import storage
 from gan.config import Config, ConfigError, load_config
 from gan.metrics.inception import check_inception_weights
+from pipelines import ray_compat
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,12 +71,13 @@ def run(cfg: Config, workdir: Path, storage_root: str | None = None) -> dict:
 
 
 def _summary(cfg: Config, out: dict) -> None:
+    from pipelines.stages import metrics_line
+
     registered, evaluated = out["registered"], out["evaluated"]
-    metrics = {k: round(v, 4) for k, v in sorted(evaluated["metrics"].items())}
     print(f"[pipeline] registered {registered['model_uri']}"
           f"{' (the new champion)' if registered['is_champion'] else ' (challenger)'}; "
           f"champion: {registered['champion_uri']} = version {registered['champion_version']}")
-    print(f"[pipeline] evaluation of {evaluated['generator']}: {json.dumps(metrics)}")
+    print(f"[pipeline] evaluation of {evaluated['generator']}: {metrics_line(evaluated['metrics'])}")
     print(f"[pipeline] sample it: python -m pipelines sample --model {registered['champion_uri']} -n 64 "
           f"--out grid.png")
     print(f"[pipeline] compare runs and pick the champion in the MLflow UI: `make ui` -> http://127.0.0.1:5000 "
@@ -100,12 +101,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError, ValueError) as err:
         print(f"config error: {err}", file=sys.stderr)
         return 2
+    try:
+        ray_compat.check_versions()
+    except RuntimeError as err:
+        print(f"version error: {err}", file=sys.stderr)
+        return 2
     try:  # from the driver before Ray starts; the pipeline probes every node again once it is connected
         storage.probe(args.storage or args.workdir, f"cli-{os.getpid()}")
     except OSError as err:
         print(f"storage error: {err}", file=sys.stderr)
         return 2
-    from pipelines.stages import StageError
+    from pipelines.stages import StageError, metrics_line
 
     try:
         if args.command == "evaluate":
@@ -113,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
 
             _init_ray()
             out = evaluate_registered(cfg, Path(args.workdir), args.model, storage_root=args.storage)
-            print(f"[evaluate] {args.model}: {json.dumps({k: round(v, 4) for k, v in sorted(out['metrics'].items())})}")
+            print(f"[evaluate] {args.model}: {metrics_line(out['metrics'])}")
             return 0
         out = run(cfg, Path(args.workdir), args.storage)
     except (StageError, storage.StorageError) as err:

@@ -4,11 +4,9 @@ Parquet read through Ray Data, checkpoints (scored in training) reported to Ray,
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -44,6 +42,7 @@ from gan.loop import DataSpec, fit
 from gan.metrics.in_training import UNSCORED, CheckpointScorer, ScoreSchedule, score_key
 from gan.parallel import ddp_options
 from gan.samples import save_loss_curves
+from pipelines import ray_compat
 from pipelines.tracking import Tracker
 
 SAMPLE_DIR = "samples"
@@ -113,10 +112,11 @@ class WorkerReport:
         if self.scores is not None:
             metrics = {**metrics, **self.scores(images, checkpoint_dir)}
         self.last = metrics
-        if self.progress:  # sys.__stdout__: Ray Train tees a print to a wrapped sys.stdout, printing it twice
-            print(f"[train] {metrics['progress/kimg']:8.2f} kimg  {metrics['perf/img_per_s']:8.0f} img/s  "
-                  f"loss/d {metrics.get('loss/d', float('nan')):.3f}  loss/g {metrics.get('loss/g', float('nan')):.3f}"
-                  f"{'  checkpoint' if checkpoint_dir else ''}", file=sys.__stdout__, flush=True)
+        if self.progress:
+            ray_compat.print_unforwarded(
+                f"[train] {metrics['progress/kimg']:8.2f} kimg  {metrics['perf/img_per_s']:8.0f} img/s  "
+                f"loss/d {metrics.get('loss/d', float('nan')):.3f}  loss/g {metrics.get('loss/g', float('nan')):.3f}"
+                f"{'  checkpoint' if checkpoint_dir else ''}")
         if self.tracker is not None:
             self.history.append(metrics)
             self.tracker.log_metrics(self.run_id, metrics, step=images)
@@ -211,7 +211,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     faults = loop_config.get("faults") or {}
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
-    _quiet_report_log()
+    ray_compat.quiet_train_report_log()
     device = get_device()
     autocast_dtype = precision_for(cfg, device)
     resume = None
@@ -224,8 +224,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     if checkpoint is not None:
         resume = local_resume(checkpoint, cfg)
     if rank == 0 and loop_config.get("placement_group_file"):
-        group = ray.util.get_current_placement_group()
-        storage.write_bytes(loop_config["placement_group_file"], (group.id.hex() if group else "").encode())
+        storage.write_bytes(loop_config["placement_group_file"], ray_compat.current_placement_group_hex().encode())
     scores = None
     if cfg.train.scores:
         scores = InTrainingScores(cfg, rank, world_size, loop_config["dataset_dir"], loop_config.get("evaluator_dir"))
@@ -282,14 +281,6 @@ def _worker_nodes(world_size: int) -> list[str]:
     return nodes
 
 
-def _quiet_report_log() -> None:
-    """Ray Train V2 logs every report of every worker at INFO ("Reporting training result ...") under a logger named
-    by its file's path, which LoggingConfig(log_level="WARNING") does not reach; our own progress line says it."""
-    from ray.train.v2._internal.execution import context
-
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
 def _use_config_optim(directory: str, cfg: Config) -> None:
     """The config's learning rates and betas win over the checkpoint's (they differ after PBT explores, or when a
     resumed run is given new ones); Adam's moments are kept."""
@@ -321,20 +312,20 @@ class ForwardReports(UserCallback):
             stop = self.acks.get() == self.STOP
         except ray.exceptions.RayActorError:
             stop = True
-        if stop:  # this runs inside the Train controller actor, whose abort() ends the run and its workers
-            ray.get_runtime_context().current_actor.abort.remote()
+        if stop:
+            ray_compat.abort_train_run()
 
 
 def check_resources(cfg: Config, available_cpus: float) -> None:
     """Fails before any worker starts when the workers would leave no CPU for Ray Data's read tasks
     (on a 2-CPU Ray, two 0.75-CPU workers hang forever instead)."""
     needed = cfg.scale.num_workers * cfg.scale.cpus_per_worker
-    # Ray Data's Parquet read tasks each ask for a whole CPU; with less free they never schedule.
-    if needed > available_cpus - 1.0:
+    if needed > available_cpus - ray_compat.RAY_DATA_READ_CPUS:
         raise ConfigError(
             f"scale.num_workers={cfg.scale.num_workers} x scale.cpus_per_worker={cfg.scale.cpus_per_worker} "
-            f"reserves {needed:g} of the cluster's {available_cpus:g} CPUs and leaves less than 1 for Ray Data's "
-            f"read tasks; lower scale.cpus_per_worker (fractions are fine) or add CPUs")
+            f"reserves {needed:g} of the cluster's {available_cpus:g} CPUs and leaves less than "
+            f"{ray_compat.RAY_DATA_READ_CPUS:g} for Ray Data's read tasks; lower scale.cpus_per_worker (fractions are "
+            f"fine) or add CPUs")
 
 
 def _train_dataset(cfg: Config, manifest: Any, *, in_memory: bool = False) -> ray.data.Dataset:
@@ -398,14 +389,22 @@ def build_trainer(cfg: Config, dataset_dir: str | Path, *, storage_path: str | P
     )
 
 
+def best_scored(checkpoints: list[tuple[Any, dict[str, Any]]] | None, key: str
+                ) -> tuple[Any, dict[str, Any]] | None:
+    """The (checkpoint, metrics) with the lowest finite `key` (a Ray result's best_checkpoints), None when none has
+    one: an unscored checkpoint carries +inf, a diverged score NaN or inf, and neither may win."""
+    scored = [(c, m) for c, m in checkpoints or [] if math.isfinite(m.get(key, math.nan))]
+    return min(scored, key=lambda cm: cm[1][key]) if scored else None
+
+
 def outcome(cfg: Config, result: Result, storage_path: str | Path) -> TrainOutcome:
     """The run's best-scoring checkpoint when scoring is on (its latest otherwise) and what came with it; its
     location as a URI on `storage_path`'s filesystem, which every node can open."""
     if cfg.train.scores:
         key = score_key(cfg)
-        scored = [(c, m) for c, m in result.best_checkpoints or [] if math.isfinite(m.get(key, math.nan))]
-        if scored:
-            best, metrics = min(scored, key=lambda cm: cm[1][key])
+        found = best_scored(result.best_checkpoints, key)
+        if found is not None:
+            best, metrics = found
             return TrainOutcome(checkpoint_dir=storage.uri_of(storage_path, best.path), metrics=dict(metrics),
                                 best_metric=float(metrics[key]))
     if result.checkpoint is None:

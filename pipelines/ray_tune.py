@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import signal
 from collections.abc import Callable
@@ -27,7 +26,7 @@ from gan.data import load_manifest, read_split
 from gan.loop import NonFiniteLossError
 from gan.metrics.in_training import score_key
 from gan.tune_space import PBT_MUTABLE, SPEC_KINDS, applies
-from pipelines import ray_train
+from pipelines import ray_compat, ray_train
 from pipelines.tracking import Tracker
 from pipelines.tune_output import TrialProgress, ray_output_wanted, search_output
 from pipelines.tune_trial import PHASES, TrialClock, train_in_trial, trains_in_trial, trial_start
@@ -73,10 +72,10 @@ def max_concurrent_trials(cfg: Config, resources: dict[str, float], in_trial: bo
             f"a trial trains in itself on scale.cpus_per_worker={cfg.scale.cpus_per_worker:g} CPUs")
     else:
         per_trial = cfg.tune.cpus_per_trial + cfg.scale.num_workers * cfg.scale.cpus_per_worker
-        fits, why = int((cpus - 1.0) / per_trial + 1e-9), (
+        fits, why = int((cpus - ray_compat.RAY_DATA_READ_CPUS) / per_trial + 1e-9), (
             f"a trial takes tune.cpus_per_trial={cfg.tune.cpus_per_trial:g} + scale.num_workers="
             f"{cfg.scale.num_workers} x scale.cpus_per_worker={cfg.scale.cpus_per_worker:g} CPUs and Ray Data needs "
-            f"1 CPU free")
+            f"{ray_compat.RAY_DATA_READ_CPUS:g} CPU free")
     if cfg.scale.use_gpu:
         fits = min(fits, int(resources.get("GPU", 0.0) // workers))
     if fits < 1:
@@ -142,11 +141,10 @@ def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     trial's), trains (in this process, or on a TorchTrainer when it needs several workers) and reports every scored
     checkpoint to Tune. Its MLflow run gets where its time went (trial_time/*_s) however it ends."""
     clock = TrialClock(trial_start())
-    # Tune waits this long for a stopped trial's thread to end before reusing its process for the next trial
-    # (default 2 s): the thread still logs its time and ends its MLflow run, which can take longer under load.
-    os.environ.setdefault("TUNE_FUNCTION_THREAD_TIMEOUT_S", "30")
+    for key, value in ray_compat.SLOW_TRIAL_STOP_ENV.items():
+        os.environ.setdefault(key, value)
     if not setup["verbose"]:  # "Checkpoint successfully created at ..." at INFO on every report
-        logging.getLogger("ray.train").setLevel(logging.WARNING)
+        logging.getLogger(ray_compat.TRAIN_LOGGER).setLevel(logging.WARNING)
     trial_id = rt.get_context().get_trial_id()
     search_cfg = from_dict(setup["config"])
     cfg = trial_config(search_cfg, config["space"], f"{search_cfg.name}-{trial_id}")
@@ -320,8 +318,7 @@ def _outcome(cfg: Config, grid: Any, metric: str, tracker: Tracker, setup: dict[
         trial_id = Path(result.path).name
         run = _find_trial_run(tracker, setup["experiment_id"], setup["search"], trial_id)
         run_id = run.info.run_id if run else None
-        scored = [(c, m) for c, m in result.best_checkpoints or [] if math.isfinite(m.get(metric, math.nan))]
-        top = min(scored, key=lambda cm: cm[1][metric]) if scored else None
+        top = ray_train.best_scored(result.best_checkpoints, metric)
         kimg = _kimg_spent(result)
         if result.error is not None:
             status = "diverged" if "NonFiniteLossError" in str(result.error) else "error"

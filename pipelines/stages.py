@@ -95,8 +95,7 @@ def prepare_stage(ctx: Context, cfg: Config) -> dict[str, Any]:
         ctx.tracker.set_tags(run_id, {"dataset_id": m.dataset_id, "dataset_hash": m.dataset_hash})
         ctx.log(f"[prepare] {m.dataset_id}: {counts} examples of shape {tuple(m.shape)} -> {dataset_dir}")
         return {"dataset_dir": str(dataset_dir), "dataset_hash": m.dataset_hash, "dataset_id": m.dataset_id}
-    return run_stage(ctx, "prepare", body, params={f"data.{k}": v for k, v in flatten(cfg).items()
-                                                   if k.startswith("data.")})
+    return run_stage(ctx, "prepare", body, params={k: v for k, v in flatten(cfg).items() if k.startswith("data.")})
 
 
 def train_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator: dict[str, Any] | None = None, *,
@@ -138,8 +137,7 @@ def evaluator_stage(ctx: Context, cfg: Config, dataset: dict[str, Any]) -> dict[
             ctx.tracker.set_tags(run_id, {"evaluator_id": "modes", "dataset_hash": manifest.dataset_hash})
             return {"evaluator_dir": None, "evaluator_id": "modes"}
         return run_stage(ctx, "evaluator", modes, tags={"dataset_hash": manifest.dataset_hash})
-    key = hashlib.sha256(json.dumps([manifest.dataset_hash, cfg.eval.evaluator_epochs, cfg.eval.seed,
-                                     cfg.eval.num_samples]).encode()).hexdigest()[:12]
+    key = hashlib.sha256(json.dumps(evaluator_inputs(cfg, manifest.dataset_hash)).encode()).hexdigest()[:12]
     directory = ctx.location("evaluators", f"{manifest.dataset_id}-{key}")
 
     def body(run_id: str) -> dict[str, Any]:
@@ -151,7 +149,7 @@ def evaluator_stage(ctx: Context, cfg: Config, dataset: dict[str, Any]) -> dict[
         ctx.tracker.set_tags(run_id, {"evaluator_id": info["evaluator_id"], "reused": str(reused),
                                       "dataset_hash": manifest.dataset_hash})
         ctx.log(f"[evaluator] {'reused' if reused else 'trained'} {info['evaluator_id']}: "
-                f"{json.dumps({k: round(v, 4) for k, v in info['meta']['metrics'].items()})}")
+                f"{metrics_line(info['meta']['metrics'])}")
         return {"evaluator_dir": directory, "evaluator_id": info["evaluator_id"],
                 "floor": info["meta"]["metrics"]}
     return run_stage(ctx, "evaluator", body, tags={"dataset_hash": manifest.dataset_hash})
@@ -185,7 +183,7 @@ def evaluate_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator
         if images:
             x_train, y_train = read_split(dataset["dataset_dir"], "train", verify=False)
             net = load_evaluator(evaluator["evaluator_dir"])
-            sized = replace(scoring, eval=replace(cfg.eval, num_samples=min(cfg.eval.num_samples, len(x_train))))
+            sized = _capped(scoring, cfg, len(x_train))
         for name, G in gens.items():
             prefix = "eval/" if name == primary else "eval_raw/"
             if not images:
@@ -211,9 +209,25 @@ def evaluate_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator
         with tempfile.TemporaryDirectory() as tmp:
             png = save_sample_png(gens[primary], scoring, extra, Path(tmp) / "samples.png")
             ctx.tracker.log_artifact(run_id, png)
-        ctx.log(f"[evaluate] {json.dumps({k: round(v, 4) for k, v in sorted(metrics.items())})}")
+        ctx.log(f"[evaluate] {metrics_line(metrics)}")
         return {"metrics": metrics, **tags}
     return run_stage(ctx, "evaluate", body, tags={"dataset_hash": dataset["dataset_hash"]})
+
+
+def _capped(scoring: Config, cfg: Config, real_count: int) -> Config:
+    """`scoring` under cfg's eval settings, with no more samples per metric than there are real images."""
+    return replace(scoring, eval=replace(cfg.eval, num_samples=min(cfg.eval.num_samples, real_count)))
+
+
+def metrics_line(metrics: dict[str, float]) -> str:
+    """Metrics as one JSON line for people: sorted, 4 decimals."""
+    return json.dumps({k: round(v, 4) for k, v in sorted(metrics.items())})
+
+
+def evaluator_inputs(cfg: Config, dataset_hash: str) -> list[Any]:
+    """What decides an evaluator: the data and the eval settings it is trained and floored with (its folder name
+    and the evaluator stage's cache key both come from these)."""
+    return [dataset_hash, cfg.eval.evaluator_epochs, cfg.eval.seed, cfg.eval.num_samples]
 
 
 def register_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], trained: dict[str, Any],
@@ -262,11 +276,11 @@ def evaluate_model_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], eva
             metrics = score_points(G, scoring, 1.0)[0]
         else:
             x_train, _ = read_split(dataset["dataset_dir"], "train", verify=False)
-            sized = replace(scoring, eval=replace(cfg.eval, num_samples=min(cfg.eval.num_samples, len(x_train))))
-            metrics = score_images(G, sized, num_classes, x_train, load_evaluator(evaluator["evaluator_dir"]))
+            metrics = score_images(G, _capped(scoring, cfg, len(x_train)), num_classes, x_train,
+                                   load_evaluator(evaluator["evaluator_dir"]))
             metrics.update(evaluator.get("floor") or {})
         ctx.tracker.log_metrics(run_id, metrics, step=0)
-        ctx.log(f"[evaluate] {model_uri}: {json.dumps({k: round(v, 4) for k, v in sorted(metrics.items())})}")
+        ctx.log(f"[evaluate] {model_uri}: {metrics_line(metrics)}")
         return {"metrics": metrics, "model_uri": model_uri, "evaluator_id": evaluator.get("evaluator_id")}
     return run_stage(ctx, "evaluate", body, tags={"model_uri": model_uri, "dataset_hash": dataset["dataset_hash"],
                                                    "evaluator_id": str(evaluator.get("evaluator_id"))})

@@ -52,15 +52,13 @@ class Tracker:
         self.tracking_uri = tracking_uri
         self.client = MlflowClient(tracking_uri)
 
-    def experiment_id(self, name: str, artifact_root: str | Path | None = None) -> str:
+    def experiment_id(self, name: str) -> str:
         """The experiment's id, created on first use (artifacts beside a SQLite store, not in ./mlruns)."""
         found = with_retries(lambda: self.client.get_experiment_by_name(name))
         if found is not None:
             return found.experiment_id
         location = None
-        if artifact_root is not None:
-            location = (Path(artifact_root).resolve() / name).as_uri()
-        elif self.tracking_uri.startswith("sqlite:///"):
+        if self.tracking_uri.startswith("sqlite:///"):
             location = (Path(self.tracking_uri.removeprefix("sqlite:///")).parent / "artifacts" / name).as_uri()
         try:
             return with_retries(lambda: self.client.create_experiment(name, artifact_location=location,

@@ -10,6 +10,8 @@ from typing import Any
 
 from ray import tune as rt
 
+from pipelines import ray_compat
+
 RAY_OUTPUT_ENV = "RAYGAN_RAY_OUTPUT"
 """Set to 1 to see Ray's own output of a search as well: Tune's status tables and Ray Train's INFO lines."""
 
@@ -19,15 +21,6 @@ def ray_output_wanted() -> bool:
     return os.environ.get(RAY_OUTPUT_ENV, "").strip().lower() in ("1", "true", "yes")
 
 
-QUIET_ENV = {
-    # Tune's newer output engine prints its experiment header and result paths even at verbose=0; the older one
-    # is silent at 0 (both are Tune's documented environment variables).
-    "RAY_AIR_NEW_OUTPUT": "0",
-    # A search of short trials snapshots its state often by design; Tune warns about it every time.
-    "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0",
-}
-
-
 @contextlib.contextmanager
 def search_output() -> Iterator[None]:
     """Around Tuner.fit in the search's driver: Ray's own output off (its environment switches, and Tune's INFO
@@ -35,10 +28,10 @@ def search_output() -> Iterator[None]:
     if ray_output_wanted():
         yield
         return
-    saved = {k: os.environ.get(k) for k in QUIET_ENV}
-    logger = logging.getLogger("ray.tune")
+    saved = {k: os.environ.get(k) for k in ray_compat.QUIET_TUNE_ENV}
+    logger = logging.getLogger(ray_compat.TUNE_LOGGER)
     level = logger.level
-    os.environ.update(QUIET_ENV)
+    os.environ.update(ray_compat.QUIET_TUNE_ENV)
     logger.setLevel(logging.WARNING)
     try:
         yield

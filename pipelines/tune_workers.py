@@ -8,15 +8,14 @@ import uuid
 from typing import Any
 
 import ray
-from ray import PlacementGroupID
 from ray import tune as rt
-from ray.util.placement_group import PlacementGroup, remove_placement_group
+from ray.util.placement_group import remove_placement_group
 from ray.util.queue import Empty, Queue
 
 from gan import storage
 from gan.config import Config
 from gan.metrics.in_training import UNSCORED
-from pipelines import ray_train
+from pipelines import ray_compat, ray_train
 from pipelines.tune_trial import TrialClock
 
 
@@ -80,7 +79,7 @@ def _remove_placement_group(group_file: str) -> None:
     group_id = storage.read_bytes(group_file).decode().strip() if storage.exists(group_file) else ""
     if not group_id:
         return
-    group = PlacementGroup(PlacementGroupID(bytes.fromhex(group_id)))
+    group = ray_compat.placement_group_from_hex(group_id)
     if ray.util.placement_group_table(group).get("state") not in (None, "REMOVED"):
         remove_placement_group(group)
 

@@ -7,7 +7,7 @@ import hashlib
 import json
 import time
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,7 @@ from pipelines.stages import (
     StageError,
     evaluate_model_stage,
     evaluate_stage,
+    evaluator_inputs,
     evaluator_stage,
     prepare_stage,
     register_stage,
@@ -30,12 +31,30 @@ from pipelines.stages import (
 from pipelines.storage_probe import check_storage
 from pipelines.tracking import Tracker, default_tracking_uri
 
-STAGES: dict[str, Callable[..., dict[str, Any]]] = {
-    "prepare": prepare_stage, "evaluator": evaluator_stage, "train": train_stage, "evaluate": evaluate_stage,
-    "register": register_stage,
-}
-# CPUs a stage's task reserves: train only waits on its Ray Train workers, which reserve their own.
-STAGE_CPUS = {"prepare": 1.0, "evaluator": 1.0, "train": 0.0, "evaluate": 1.0, "register": 0.0}
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline."""
+
+    name: str
+    run: Callable[..., dict[str, Any]]
+    """The stage function (pipelines/stages.py): (ctx, cfg, **the upstream stages' outputs by their `output`)."""
+    upstream: tuple[str, ...]
+    """The stages whose outputs it takes."""
+    output: str
+    """What its outputs are called: a later stage's argument, and a key of run_pipeline's result."""
+    cpus: float = 1.0
+    """CPUs its Ray task reserves: train and register only wait on work that reserves its own (Train workers, Tune
+    trials, the MLflow server)."""
+
+
+STAGES = {s.name: s for s in (
+    Stage("prepare", prepare_stage, (), "dataset"),
+    Stage("evaluator", evaluator_stage, ("prepare",), "evaluator"),
+    Stage("train", train_stage, ("prepare", "evaluator"), "trained", cpus=0.0),
+    Stage("evaluate", evaluate_stage, ("prepare", "evaluator", "train"), "evaluated"),
+    Stage("register", register_stage, ("prepare", "train", "evaluate"), "registered", cpus=0.0),
+)}
 STAGE_RETRIES = 2
 """Retries of a stage task whose worker process died (a raised error is not retried: it would fail again)."""
 
@@ -52,7 +71,7 @@ def stage_inputs(cfg: Config, name: str, upstream: dict[str, dict[str, Any]]) ->
         return [{k: v for k, v in plain["data"].items() if k != "cache_mb"}]
     dataset_hash = upstream["prepare"]["dataset_hash"]
     if name == "evaluator":
-        return [dataset_hash, plain["eval"]["evaluator_epochs"], plain["eval"]["seed"], plain["eval"]["num_samples"]]
+        return evaluator_inputs(cfg, dataset_hash)
     if name == "train":
         training = {k: v for k, v in plain.items() if k not in ("name", "data", "eval", "register")}
         return [dataset_hash, upstream["evaluator"].get("evaluator_id"), training]
@@ -84,13 +103,7 @@ def _stage_task(name: str, cfg_values: dict[str, Any], upstream: dict[str, dict[
                   experiment=ctx_values["experiment"], parent_run_id=ctx_values["parent_run_id"],
                   stage_key=ctx_values["stage_key"], storage=ctx_values["storage"])
     cfg = from_dict(cfg_values)
-    return STAGES[name](ctx, cfg, **upstream)
-
-
-UPSTREAM = {"prepare": (), "evaluator": ("dataset",), "train": ("dataset", "evaluator"),
-            "evaluate": ("dataset", "evaluator", "trained"), "register": ("dataset", "trained", "evaluated")}
-OUTPUT_NAMES = {"prepare": "dataset", "evaluator": "evaluator", "train": "trained", "evaluate": "evaluated",
-                "register": "registered"}
+    return STAGES[name].run(ctx, cfg, **upstream)
 
 
 def run_stage_task(ctx: Context, cfg: Config, name: str, done: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -106,17 +119,17 @@ def run_stage_task(ctx: Context, cfg: Config, name: str, done: dict[str, dict[st
             ctx.log(f"[{name}] reused: inputs match FINISHED run {ctx.tracker.run_url(run.info.run_id)}")
             ctx.tracker.set_tags(ctx.parent_run_id, {f"stage.{name}": run.info.run_id, f"reused.{name}": "true"})
             return {**outputs, "run_id": run.info.run_id}
-    by_name = {OUTPUT_NAMES[n]: v for n, v in done.items()}
-    upstream = {arg: by_name[arg] for arg in UPSTREAM[name]}
+    stage = STAGES[name]
+    upstream = {STAGES[u].output: done[u] for u in stage.upstream}
     ctx_values = {"workdir": str(ctx.workdir), "tracking_uri": ctx.tracker.tracking_uri, "experiment": ctx.experiment,
                   "parent_run_id": ctx.parent_run_id, "stage_key": key, "storage": ctx.location()}
     placement = {}
-    if STAGE_CPUS[name] == 0:
+    if stage.cpus == 0:
         # A stage that reserves no CPU could land on any node, and Ray Train attaches its controller to the node
         # that calls fit(): on the driver's node, losing a worker node does not take the run's controller with it.
         placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                           soft=True)
-    task = _stage_task.options(num_cpus=STAGE_CPUS[name], max_retries=STAGE_RETRIES, retry_exceptions=False,
+    task = _stage_task.options(num_cpus=stage.cpus, max_retries=STAGE_RETRIES, retry_exceptions=False,
                                name=f"stage-{name}", **placement)
     ref = task.remote(name, to_dict(cfg), upstream, ctx_values)
     ctx.log(f"[{name}] running as a Ray task (inputs {key})")
@@ -164,7 +177,7 @@ def run_pipeline(cfg: Config, workdir: str | Path, *, storage_root: str | None =
         raise
     tracker.end_run(parent, "FINISHED")
     log(f"[pipeline] finished in {time.perf_counter() - start:.1f}s")
-    return {"pipeline_run_id": parent, **{OUTPUT_NAMES[n]: v for n, v in done.items()}}
+    return {"pipeline_run_id": parent, **{STAGES[n].output: v for n, v in done.items()}}
 
 
 def evaluate_registered(cfg: Config, workdir: str | Path, model_uri: str, *, storage_root: str | None = None,

@@ -9,8 +9,6 @@ from gan.metrics.evaluator import (
     train_evaluator,
 )
 from gan.metrics.image_metrics import (
-    FeatureAdapter,
-    FeatureNet,
     SampleFn,
     count_tag,
     evaluate_images,
@@ -28,7 +26,7 @@ from gan.metrics.inception import InceptionFeatures, check_inception_weights, lo
 from gan.metrics.modes import ModeStats, mode_stats
 
 __all__ = [
-    "Evaluator", "FeatureAdapter", "FeatureNet", "InceptionFeatures", "ModeStats", "SampleFn",
+    "Evaluator", "InceptionFeatures", "ModeStats", "SampleFn",
     "check_inception_weights", "count_tag", "evaluate_images", "evaluator_id", "evaluator_meta", "extract",
     "feature_metrics", "fid_from_features", "is_from_logits", "kid_from_features", "latent_sampler",
     "load_evaluator", "load_inception", "mode_stats", "precision_recall", "real_features", "real_floor",

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from gan import storage
 from gan.config import EVALUATOR_FEATURES
 from gan.data.transforms import to_model_range
+from gan.samples import eval_mode
 
 log = logging.getLogger(__name__)
 
@@ -99,15 +100,11 @@ def _augment(x: Tensor, gen: torch.Generator, max_shift: float = 2.0, max_scale:
 @torch.no_grad()
 def accuracy(model: nn.Module, x_uint8: np.ndarray | Tensor, y: np.ndarray | Tensor, batch_size: int = 1000) -> float:
     """Share of `x_uint8` that `model` classifies as `y`, in eval mode."""
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         x, y = torch.as_tensor(x_uint8), torch.as_tensor(y)
         correct = sum(int((model(to_model_range(x[i:i + batch_size])).argmax(1) == y[i:i + batch_size]).sum())
                       for i in range(0, len(x), batch_size))
         return correct / max(len(x), 1)
-    finally:
-        model.train(was_training)
 
 
 def train_evaluator(x_train_uint8: np.ndarray, y_train: np.ndarray, x_test_uint8: np.ndarray, y_test: np.ndarray,

@@ -6,7 +6,6 @@ import logging
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from gan.data.transforms import to_model_range, to_pixels
-from gan.samples import generate
+from gan.samples import eval_mode, generate
 
 log = logging.getLogger(__name__)
 
@@ -29,43 +28,11 @@ SampleFn = Callable[[int, torch.Generator], Tensor]
 """`sample_fn(n, generator)` -> n images (n, C, H, W) in the model range [-1, 1], drawn with `generator`."""
 
 
-class FeatureNet(Protocol):
-    """What the metrics need of a network: the Evaluator and InceptionFeatures both provide it."""
-
-    num_classes: int
-    feature_dim: int
-
-    def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
-
-
 def count_tag(n: int) -> str:
     """Sample count as it appears in metric keys: 10000 -> 10k, 2500 -> 2.5k, 500 -> 500."""
     if n >= 1000 and n % 100 == 0:
         return f"{n / 1000:g}k"
     return str(n)
-
-
-class FeatureAdapter(nn.Module):
-    """A feature net's features (or logits) as torchmetrics' `feature=` module, on float images in [-1, 1]:
-    `num_features` spares torchmetrics its probe with a (1, 3, 299, 299) dummy image."""
-
-    def __init__(self, net: nn.Module, output: str = "features"):
-        super().__init__()
-        if output not in ("features", "logits"):
-            raise ValueError(f"output must be 'features' or 'logits', got {output!r}")
-        self.net, self.output = net, output
-        self.num_features = net.feature_dim if output == "features" else net.num_classes
-        self.train(False)
-
-    def train(self, mode: bool = True) -> FeatureAdapter:
-        """Stays in eval mode, as torchmetrics' own NoTrainInceptionV3 does: a metric's .train() must not switch
-        the net's BatchNorm to batch statistics."""
-        return super().train(False)
-
-    @torch.no_grad()
-    def forward(self, x: Tensor) -> Tensor:
-        features, logits = self.net.features_and_logits(x)
-        return features if self.output == "features" else logits
 
 
 class _Identity(nn.Module):
@@ -165,9 +132,7 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 3, *, chunk: int = 100
 @torch.no_grad()
 def extract(net: nn.Module, batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
     """Runs `net` (eval mode, no grad) over image batches in [-1, 1]; returns CPU float32 (features, logits)."""
-    was_training = net.training
-    net.eval()
-    try:
+    with eval_mode(net):
         device = next(net.parameters()).device
         feats, logits = [], []
         for x in batches:
@@ -175,8 +140,6 @@ def extract(net: nn.Module, batches: Iterable[Tensor]) -> tuple[Tensor, Tensor]:
             feats.append(f.float().cpu())
             logits.append(lg.float().cpu())
         return torch.cat(feats), torch.cat(logits)
-    finally:
-        net.train(was_training)
 
 
 def _subset(images: np.ndarray | Tensor, n: int, seed: int) -> Tensor:

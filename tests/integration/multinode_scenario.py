@@ -50,7 +50,7 @@ REPO = Path(__file__).resolve().parents[2]
 PREFIX = "mn"
 WORKER_NODE = {"num_cpus": 1, "resources": {"trainer": 1}}
 SEARCH = ["name=mn-search", "data.resolution=16", "model.family=mlp", "model.hidden=[32]", "model.z_dim=16",
-          "train.kimg=8", "train.log_every_kimg=1", "train.checkpoint_every_kimg=1", "train.fid_every_kimg=1",
+          "train.kimg=30", "train.log_every_kimg=1", "train.checkpoint_every_kimg=1", "train.fid_every_kimg=1",
           "tune.num_samples=2", "tune.grace_kimg=1", "scale.num_workers=1", "scale.cpus_per_worker=0.4",
           "eval.num_samples=300", "eval.evaluator_epochs=2"]
 LOST_NODE = ["name=mn-lost", "data.num_samples=4000", "model.hidden=[64, 64]", "train.kimg=40",

@@ -50,6 +50,8 @@ def test_pipeline_registers_once_and_a_rerun_reuses_every_stage(ray_session, tmp
     stages = stage_runs(tracker, "wf", out["pipeline_run_id"])
     assert sorted(stages) == sorted(STAGE_NAMES)
     assert all(r.info.status == "FINISHED" and r.data.tags["stage_key"] for r in stages.values())
+    assert stages["prepare"].data.params["data.source"] == "ring8", "prepare logs the data section's params"
+    assert not any(k.startswith("data.data.") for k in stages["prepare"].data.params)
     assert [line.split("]")[0][1:] for line in lines if " running as a Ray task " in line] == STAGE_NAMES
 
     registered = out["registered"]

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 import torch
+from torch import Tensor, nn
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchvision.models import inception_v3
@@ -13,7 +14,6 @@ from torchvision.models import inception_v3
 from gan.data import to_model_range
 from gan.metrics import (
     Evaluator,
-    FeatureAdapter,
     check_inception_weights,
     count_tag,
     evaluate_images,
@@ -206,6 +206,29 @@ def test_sample_fn_output_is_checked(tiny):
         evaluate_images(lambda n, g: torch.zeros(n, 1, 8, 8), real, net, num_samples=10)
     with pytest.raises(ValueError, match="non-finite"):
         evaluate_images(lambda n, g: torch.full((n, 1, 16, 16), float("nan")), real, net, num_samples=10)
+
+
+class FeatureAdapter(nn.Module):
+    """Test-only: a feature net's features (or logits) as torchmetrics' `feature=` module, on float images in [-1, 1]:
+    `num_features` spares torchmetrics its probe with a (1, 3, 299, 299) dummy image."""
+
+    def __init__(self, net: nn.Module, output: str = "features"):
+        super().__init__()
+        if output not in ("features", "logits"):
+            raise ValueError(f"output must be 'features' or 'logits', got {output!r}")
+        self.net, self.output = net, output
+        self.num_features = net.feature_dim if output == "features" else net.num_classes
+        self.train(False)
+
+    def train(self, mode: bool = True) -> FeatureAdapter:
+        """Stays in eval mode, as torchmetrics' own NoTrainInceptionV3 does: a metric's .train() must not switch
+        the net's BatchNorm to batch statistics."""
+        return super().train(False)
+
+    @torch.no_grad()
+    def forward(self, x: Tensor) -> Tensor:
+        features, logits = self.net.features_and_logits(x)
+        return features if self.output == "features" else logits
 
 
 @pytest.mark.filterwarnings("ignore:Metric `InceptionScore` will save", "ignore:std")
