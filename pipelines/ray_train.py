@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -93,13 +92,11 @@ class WorkerReport:
     """Injected as fit's `report`: in-training scores, MLflow from rank 0, then `send` (by default ray.train.report
     with rank 0's checkpoint). `last` holds the metrics of the latest report as sent."""
 
-    def __init__(self, rank: int, tracking: Tracking | None, faults: dict[str, Any],
-                 scores: InTrainingScores | None = None, *,
+    def __init__(self, rank: int, tracking: Tracking | None, scores: InTrainingScores | None = None, *,
                  send: Callable[[dict[str, Any], str | None], None] | None = None, progress: bool = True):
         self.rank = rank
         self.tracker = Tracker(tracking.tracking_uri) if tracking and rank == 0 else None
         self.run_id = tracking.run_id if tracking else None
-        self.faults = faults
         self.scores = scores
         self.send = send or self.to_train
         self.progress = progress and rank == 0
@@ -107,7 +104,6 @@ class WorkerReport:
         self.last: dict[str, Any] = {}
 
     def __call__(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
-        _maybe_fail(self.faults, self.rank, metrics["progress/kimg"])
         images = round(metrics["progress/kimg"] * 1000)
         if self.scores is not None:
             metrics = {**metrics, **self.scores(images, checkpoint_dir)}
@@ -142,22 +138,7 @@ class WorkerReport:
                 self.tracker.log_artifact(self.run_id, path)
 
 
-def _maybe_fail(faults: dict[str, Any], rank: int, kimg: float) -> None:
-    """Test hook: kills this worker once (a marker file remembers) at the first report past `fail_at_kimg`.
-
-    It waits `delay_s` first: Ray Train V2's controller collects reports on its 2 s health-check poll, so a
-    worker dying within that window of a checkpoint takes the checkpoint down with it (a real failure, minutes
-    after the checkpoint, does not)."""
-    if not faults.get("fail_at_kimg") or rank != faults.get("fail_rank", 1) or kimg < faults["fail_at_kimg"]:
-        return
-    marker = Path(faults["marker"])
-    if not marker.exists():
-        marker.write_text(f"failed at {kimg} kimg on rank {rank}\n")
-        time.sleep(float(faults.get("delay_s", 5.0)))
-        os._exit(1)
-
-
-def _batches(cfg: Config, manifest: Any, rank: int, world_size: int, faults: dict[str, Any]):
+def _batches(cfg: Config, manifest: Any, rank: int, world_size: int):
     """This worker's epochs. The first streams the Ray Data shard; when `data.cache_mb` allows, its rows are kept
     and later epochs reshuffle them in memory instead of re-reading Parquet (every worker caches the same
     number of full batches, so all ranks still take the same number of steps)."""
@@ -183,23 +164,15 @@ def _batches(cfg: Config, manifest: Any, rank: int, world_size: int, faults: dic
             ys = [y for _, y in parts]
             cached = (np.concatenate([x for x, _ in parts]), None if ys[0] is None else np.concatenate(ys))
 
-    return model_batches(stored, manifest.scale, world_size, faults)
+    return model_batches(stored, manifest.scale)
 
 
-def model_batches(stored: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray | None]]], scale: float,
-                  world_size: int, faults: dict[str, Any]) -> Callable[[int], Iterator[tuple[torch.Tensor, Any]]]:
+def model_batches(stored: Callable[[int], Iterable[tuple[np.ndarray, np.ndarray | None]]], scale: float
+                  ) -> Callable[[int], Iterator[tuple[torch.Tensor, Any]]]:
     """fit's `batches` from stored values by epoch: tensors in the model range, labels as tensors."""
-    nan_after = faults.get("nan_after_kimg")
-    seen = 0
-
     def epoch(e: int):
-        nonlocal seen
         for x, y in stored(e):
-            real = to_model_range(x, scale)
-            seen += real.shape[0] * world_size
-            if nan_after is not None and seen > nan_after * 1000:
-                real = real * float("nan")  # test hook: a diverging run
-            yield real, (torch.from_numpy(y) if y is not None else None)
+            yield to_model_range(x, scale), (torch.from_numpy(y) if y is not None else None)
     return epoch
 
 
@@ -208,7 +181,6 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     cfg = from_dict(loop_config["config"])
     manifest = load_manifest(loop_config["dataset_dir"])
     tracking = Tracking(**loop_config["tracking"]) if loop_config.get("tracking") else None
-    faults = loop_config.get("faults") or {}
     ctx = ray.train.get_context()
     rank, world_size = ctx.get_world_rank(), ctx.get_world_size()
     ray_compat.quiet_train_report_log()
@@ -228,12 +200,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     scores = None
     if cfg.train.scores:
         scores = InTrainingScores(cfg, rank, world_size, loop_config["dataset_dir"], loop_config.get("evaluator_dir"))
-    report = WorkerReport(rank, tracking, faults, scores)
+    report = WorkerReport(rank, tracking, scores)
     nodes = _worker_nodes(world_size)
     if report.tracker is not None:  # which node each rank runs on: in the MLflow UI, and what a lost node cost
         report.tracker.set_tags(report.run_id, {"ray.worker_nodes": json.dumps(nodes)})
     try:
-        fit(cfg, _batches(cfg, manifest, rank, world_size, faults), spec=DataSpec.from_manifest(manifest),
+        fit(cfg, _batches(cfg, manifest, rank, world_size), spec=DataSpec.from_manifest(manifest),
             report=report, resume=resume, wrap=model_wrapper(cfg, device, data_parallel=True), device=device,
             rank=rank, world_size=world_size,
             autocast_dtype=autocast_dtype)
@@ -356,9 +328,8 @@ def run_storage(storage_path: str | Path) -> dict[str, Any]:
 
 
 def build_trainer(cfg: Config, dataset_dir: str | Path, *, storage_path: str | Path, tracking: Tracking | None = None,
-                  max_failures: int = 1, faults: dict[str, Any] | None = None, run_name: str | None = None,
-                  evaluator_dir: str | Path | None = None, resume_from: str | None = None,
-                  callbacks: list[Any] | None = None, in_memory_data: bool = False,
+                  max_failures: int = 1, run_name: str | None = None, evaluator_dir: str | Path | None = None,
+                  resume_from: str | None = None, callbacks: list[Any] | None = None, in_memory_data: bool = False,
                   placement_group_file: str | None = None) -> TorchTrainer:
     """The TorchTrainer of one run; with train.fid_every_kimg on, Ray keeps the best-scoring checkpoints.
     `storage_path` (a folder or a URI) holds the run's checkpoints and state. `in_memory_data`: see _train_dataset
@@ -377,7 +348,7 @@ def build_trainer(cfg: Config, dataset_dir: str | Path, *, storage_path: str | P
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"config": to_dict(cfg), "dataset_dir": storage.normalize(dataset_dir),
-                           "tracking": tracking.__dict__ if tracking else None, "faults": faults or {},
+                           "tracking": tracking.__dict__ if tracking else None,
                            "evaluator_dir": storage.normalize(evaluator_dir) if evaluator_dir else None,
                            "resume_from": resume_from, "placement_group_file": placement_group_file},
         scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
@@ -414,12 +385,12 @@ def outcome(cfg: Config, result: Result, storage_path: str | Path) -> TrainOutco
 
 
 def train(cfg: Config, dataset_dir: str | Path, *, storage_path: str | Path, tracking: Tracking | None = None,
-          max_failures: int = 1, faults: dict[str, Any] | None = None, run_name: str | None = None,
+          max_failures: int = 1, run_name: str | None = None,
           evaluator_dir: str | Path | None = None) -> TrainOutcome:
     """Data-parallel training on the connected Ray cluster. A re-run with the same `run_name` (default
     `cfg.name`) and storage resumes from that run's latest checkpoint. With train.fid_every_kimg on, rank 0 scores
     checkpoints with the evaluator (`evaluator_dir`; 2-D data needs none) and the outcome is the best one."""
     check_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
     trainer = build_trainer(cfg, dataset_dir, storage_path=storage_path, tracking=tracking, max_failures=max_failures,
-                            faults=faults, run_name=run_name, evaluator_dir=evaluator_dir)
+                            run_name=run_name, evaluator_dir=evaluator_dir)
     return outcome(cfg, trainer.fit(), storage_path)

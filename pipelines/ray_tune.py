@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,10 +112,6 @@ def trial_config(cfg: Config, sampled: dict[str, Any], name: str | None = None) 
     return from_dict(values)
 
 
-def _trial_index(trial_id: str) -> int:
-    return int(trial_id.rsplit("_", 1)[-1])
-
-
 def _find_trial_run(tracker: Tracker, experiment_id: str, search: str, trial_id: str) -> Any:
     runs = tracker.client.search_runs(
         [experiment_id], filter_string=f"tags.search = '{search}' and tags.trial_id = '{trial_id}'")
@@ -152,17 +147,14 @@ def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     run_id = _trial_run(tracker, setup, trial_id, cfg)
     checkpoint = rt.get_checkpoint()
     _log_start(tracker, run_id, cfg, search_cfg.name, checkpoint, setup["search"])
-    faults = dict(setup["faults"])
-    if faults.get("trial_index") not in (None, _trial_index(trial_id)):
-        faults = {}
     tracking = ray_train.Tracking(setup["tracking_uri"], run_id)
     try:
         if setup["train_split"] is not None:
             train_in_trial(cfg, ray.get(setup["train_split"]), dataset_dir=setup["dataset_dir"],
                            evaluator_dir=setup["evaluator_dir"], tracking=tracking, resume=checkpoint,
-                           send=_to_tune(setup["metric"]), clock=clock, faults=faults)
+                           send=_to_tune(setup["metric"]), clock=clock)
         else:
-            train_on_workers(cfg, setup, trial_id, tracking, checkpoint, clock, faults)
+            train_on_workers(cfg, setup, trial_id, tracking, checkpoint, clock)
     except Exception as err:
         tracker.set_tags(run_id, {"diverged": str(isinstance(err, NonFiniteLossError)
                                                   or "NonFiniteLossError" in str(err)).lower()})
@@ -194,20 +186,6 @@ def _to_tune(metric: str) -> Callable[[dict[str, Any], str | None], None]:
     return send
 
 
-class _InterruptOnce(rt.Callback):
-    """Test hook: interrupts the search like Ctrl+C once `after` trials have completed (a marker file makes it
-    fire once, also across a resume)."""
-
-    def __init__(self, after: int, marker: str):
-        self.after, self.marker, self.done = after, marker, 0
-
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        self.done += 1
-        if self.done >= self.after and not Path(self.marker).exists():
-            Path(self.marker).write_text("interrupted\n")
-            os.kill(os.getpid(), signal.SIGUSR1)
-
-
 def _scheduler(cfg: Config, metric: str) -> Any:
     t = cfg.tune
     if t.scheduler == "asha":
@@ -225,8 +203,8 @@ def _scheduler(cfg: Config, metric: str) -> Any:
     return FIFOScheduler()  # plain random search: every trial trains to train.kimg
 
 
-def _tuner(cfg: Config, trainable: Any, metric: str, experiment: str, concurrent: int, faults: dict[str, Any],
-           setup: dict[str, Any]) -> Any:
+def _tuner(cfg: Config, trainable: Any, metric: str, experiment: str, concurrent: int, setup: dict[str, Any]
+           ) -> Any:
     fs, path = storage.resolve(experiment)
     if rt.Tuner.can_restore(path, storage_filesystem=fs):
         return rt.Tuner.restore(path, trainable, resume_unfinished=True, resume_errored=False,
@@ -234,8 +212,6 @@ def _tuner(cfg: Config, trainable: Any, metric: str, experiment: str, concurrent
     callbacks: list[rt.Callback] = [TrialProgress(metric, cfg.train.kimg, cfg.tune.scheduler)]
     if setup["train_split"] is None:  # trials on TorchTrainers
         callbacks.append(FreeTrialWorkers(setup["train_storage"]))
-    if faults.get("interrupt_after_trials"):
-        callbacks.append(_InterruptOnce(faults["interrupt_after_trials"], faults["marker"]))
     keep = None if cfg.tune.scheduler == "pbt" else max(2, cfg.train.keep_checkpoints)  # PBT clones old checkpoints
     search = BasicVariantGenerator(random_state=cfg.tune.seed, max_concurrent=concurrent)
     return rt.Tuner(
@@ -255,13 +231,12 @@ def _tuner(cfg: Config, trainable: Any, metric: str, experiment: str, concurrent
 
 def tune(cfg: Config, dataset_dir: str | Path, *, evaluator_dir: str | Path | None, storage_path: str | Path,
          tracking: ray_train.Tracking, run_name: str | None = None,
-         faults: dict[str, Any] | None = None) -> TuneOutcome:
+         ) -> TuneOutcome:
     """Runs the search of `cfg.tune` on the connected Ray cluster and returns its best trial's best checkpoint.
 
     Each trial is an MLflow run nested under `tracking.run_id`. A search interrupted before all trials ended raises
     SearchInterrupted; running it again with the same `run_name` (default `<name>-search`) and storage resumes it:
-    finished trials are kept, unfinished ones go on from their last checkpoint. `faults` are test hooks:
-    ray_train's (applied to trial number `trial_index` only, when given) and `interrupt_after_trials` + `marker`.
+    finished trials are kept, unfinished ones go on from their last checkpoint.
     """
     if not cfg.tune.enabled:
         raise ConfigError("tune.space is empty: there is nothing to search")
@@ -278,13 +253,13 @@ def tune(cfg: Config, dataset_dir: str | Path, *, evaluator_dir: str | Path | No
              "train_storage": storage.join(storage.parent(search), f"{storage.name(search)}-train"),
              "tracking_uri": tracking.tracking_uri, "parent_run_id": tracking.run_id, "experiment_id": experiment_id,
              "experiment": tracker.client.get_experiment(experiment_id).name, "search": search,
-             "metric": metric, "faults": faults or {}, "verbose": ray_output_wanted(),
+             "metric": metric, "verbose": ray_output_wanted(),
              # Read once here and shared through the object store by every trial that trains in itself.
              "train_split": ray.put(read_split(dataset_dir, "train", verify=False)) if in_trial else None}
     trainable = rt.with_resources(rt.with_parameters(_trial, setup=setup), trial_resources(cfg, in_trial))
     try:
         with search_output():
-            grid = _tuner(cfg, trainable, metric, search, concurrent, faults or {}, setup).fit()
+            grid = _tuner(cfg, trainable, metric, search, concurrent, setup).fit()
     finally:  # whatever ended the search, no trial keeps its workers' CPUs
         free_workers(setup["train_storage"])
     fs, path = storage.resolve(search)

@@ -99,7 +99,7 @@ def prepare_stage(ctx: Context, cfg: Config) -> dict[str, Any]:
 
 
 def train_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator: dict[str, Any] | None = None, *,
-                max_failures: int = 1, faults: dict[str, Any] | None = None) -> dict[str, Any]:
+                max_failures: int = 1) -> dict[str, Any]:
     """Data-parallel training on Ray Train (or, with a `tune.space`, a search whose trials each train so); rank 0
     logs metrics and sample grids into this stage's run (a search: into one nested run per trial). The Ray run is
     named by the stage's inputs, so a re-run after a crash resumes from its last checkpoint (or the search)."""
@@ -119,7 +119,7 @@ def train_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator: d
             return {"checkpoint_dir": found.checkpoint_dir, "metrics": found.metrics,
                     "trial_run_id": found.trial_run_id}
         outcome = ray_train.train(cfg, dataset["dataset_dir"], storage_path=ctx.location("ray"), tracking=tracking,
-                                  max_failures=max_failures, faults=faults, run_name=run_name,
+                                  max_failures=max_failures, run_name=run_name,
                                   evaluator_dir=evaluator_dir)
         ctx.tracker.set_tags(run_id, {"checkpoint": outcome.checkpoint_dir})
         return {"checkpoint_dir": outcome.checkpoint_dir, "metrics": outcome.metrics}

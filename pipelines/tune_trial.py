@@ -84,7 +84,7 @@ def trains_in_trial(cfg: Config, manifest: Manifest) -> bool:
 
 def train_in_trial(cfg: Config, split: tuple[np.ndarray, np.ndarray | None], *, dataset_dir: str,
                    evaluator_dir: str | None, tracking: ray_train.Tracking, resume: Any, send: Send,
-                   clock: TrialClock, faults: dict[str, Any]) -> None:
+                   clock: TrialClock) -> None:
     """Trains one trial's config on `split` (the training split's x and y) in this process, on its GPU when
     scale.use_gpu, scoring, logging and checkpointing like a Ray Train worker of rank 0; `resume` is Tune's
     checkpoint (the trial's own, or after a PBT exploit a better trial's) or None."""
@@ -97,7 +97,7 @@ def train_in_trial(cfg: Config, split: tuple[np.ndarray, np.ndarray | None], *, 
     scores = None
     if cfg.train.scores:
         scores = ray_train.InTrainingScores(cfg, 0, 1, dataset_dir, evaluator_dir)
-    report = ray_train.WorkerReport(0, tracking, faults, scores, send=send, progress=False)
+    report = ray_train.WorkerReport(0, tracking, scores, send=send, progress=False)
 
     def timed_report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         clock.report_arrived(metrics)
@@ -107,7 +107,7 @@ def train_in_trial(cfg: Config, split: tuple[np.ndarray, np.ndarray | None], *, 
             clock.report_done(report.last)
 
     batches = ray_train.model_batches(
-        lambda e: shuffled(x, y, cfg.train.batch_size, epoch_seed(cfg.train.seed, e, 0)), manifest.scale, 1, faults)
+        lambda e: shuffled(x, y, cfg.train.batch_size, epoch_seed(cfg.train.seed, e, 0)), manifest.scale)
     resume_dir = ray_train.local_resume(resume, cfg) if resume is not None else None
     try:
         fit(cfg, batches, spec=DataSpec.from_manifest(manifest), report=timed_report, resume=resume_dir,

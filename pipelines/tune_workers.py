@@ -20,7 +20,7 @@ from pipelines.tune_trial import TrialClock
 
 
 def train_on_workers(cfg: Config, setup: dict[str, Any], trial_id: str, tracking: ray_train.Tracking,
-                      checkpoint: Any, clock: TrialClock, faults: dict[str, Any]) -> None:
+                      checkpoint: Any, clock: TrialClock) -> None:
     """A multi-worker trial: a TorchTrainer beside this thread, which turns its scored reports into Tune results.
 
     Not TuneReportCallback: it forwards only the checkpoint's path, so Tune would hold no checkpoint for PBT to
@@ -31,7 +31,7 @@ def train_on_workers(cfg: Config, setup: dict[str, Any], trial_id: str, tracking
     train_fs, _ = storage.resolve(setup["train_storage"])
     trainer = ray_train.build_trainer(
         cfg, setup["dataset_dir"], storage_path=setup["train_storage"], run_name=run_name, tracking=tracking,
-        max_failures=0, faults=faults, evaluator_dir=setup["evaluator_dir"],
+        max_failures=0, evaluator_dir=setup["evaluator_dir"],
         resume_from=storage.uri_of(setup["search"], checkpoint.path) if checkpoint is not None else None,
         callbacks=[ray_train.ForwardReports(reports, acks)], in_memory_data=True,
         placement_group_file=str(group_file))

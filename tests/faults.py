@@ -14,8 +14,9 @@ from pathlib import Path
 from pipelines.tracking import Tracker
 
 DIVERGING_LR = 1.0e30
-"""optim.lr_g / optim.lr_d that overflow the weights within a few Adam steps: a run whose losses turn non-finite and
-stay so (its steps are skipped), which ends in NonFiniteLossError after train.nonfinite_patience steps."""
+"""An optim.lr_d that overflows D's weights within a few Adam steps: a run whose losses turn non-finite and stay so
+(its steps are skipped), which ends in NonFiniteLossError after train.nonfinite_patience steps. (As optim.lr_g alone
+it does not: G's tanh output saturates instead.)"""
 
 
 def ray_worker_pids(actor_class: str) -> list[int]:

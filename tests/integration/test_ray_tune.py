@@ -15,6 +15,7 @@ from pipelines import ray_train, ray_tune
 from pipelines.stages import Context, evaluator_stage, prepare_stage
 from pipelines.tracking import Tracker
 from pipelines.tune_trial import PHASES
+from tests.faults import DIVERGING_LR, interrupt_after_finished_trials
 
 pytestmark = pytest.mark.integration
 
@@ -98,19 +99,21 @@ def test_asha_search_stops_weak_trials_and_survives_a_diverging_one(ray_session,
     """Single-worker trials: each trains inside its Tune trial process, two at a time."""
     ctx = stage_context
     dataset_dir, evaluator_dir = digits
+    # One of D's learning rates overflows its weights within a few steps: trials drawing it really diverge (G's
+    # output ends in tanh, so a huge lr_g alone saturates rather than diverges).
     cfg = digits_cfg(tmp_path, "train.kimg=2", "tune.num_samples=4", "tune.grace_kimg=0.5",
                      "tune.max_concurrent_trials=2",
                      "tune.reduction_factor=2", "tune.seed=3",
-                     "tune.space={optim.lr_g: {loguniform: [1e-4, 1e-2]}, optim.lr_d: {loguniform: [1e-4, 1e-2]},"
-                     " model.hidden: {choice: [[16], [32]]}}")
+                     f"tune.space={{optim.lr_d: {{choice: [3.0e-4, 1.0e-3, 3.0e-3, {DIVERGING_LR}]}},"
+                     " optim.lr_g: {loguniform: [1e-4, 1e-2]}, model.hidden: {choice: [[16], [32]]}}")
     stage = ctx.tracker.start_run("tests", "train")
     out = ray_tune.tune(cfg, dataset_dir, evaluator_dir=evaluator_dir, storage_path=tmp_path / "ray",
-                        tracking=ray_train.Tracking(ctx.tracker.tracking_uri, stage),
-                        faults={"trial_index": 1, "nan_after_kimg": 0.3})
+                        tracking=ray_train.Tracking(ctx.tracker.tracking_uri, stage))
     trials = {t["trial_id"]: t for t in out.trials}
     assert len(trials) == 4
     statuses = sorted(t["status"] for t in trials.values())
-    assert statuses.count("diverged") == 1, statuses
+    diverging = {i for i, t in trials.items() if t["space"]["optim.lr_d"] == DIVERGING_LR}
+    assert diverging and diverging == {i for i, t in trials.items() if t["status"] == "diverged"}, out.trials
     assert "stopped_early" in statuses, f"ASHA stopped no trial: {out.trials}"
     spent = sum(t["kimg"] for t in trials.values())
     assert spent < 4 * 2.0
@@ -151,7 +154,7 @@ def test_asha_search_stops_weak_trials_and_survives_a_diverging_one(ray_session,
     printed = capfd.readouterr().out
     assert "Trial status:" not in printed and "Checkpoint successfully created" not in printed, "Tune's noise"
     for trial_id, t in trials.items():
-        assert f"[search] trial {trial_id} started: optim.lr_g=" in printed
+        assert f"[search] trial {trial_id} started: optim.lr_d=" in printed
         ended = {"diverged": "failed: ", "stopped_early": "stopped by ASHA at ", "finished": "finished at "}
         assert f"[search] trial {trial_id} {ended[t['status']]}" in printed, printed
 
@@ -190,11 +193,14 @@ def test_an_interrupted_search_resumes_without_duplicating_finished_trials(ray_s
                      "scale.num_workers=2", "tune.space={optim.lr_g: {loguniform: [1e-4, 1e-2]}}")
     stage = ctx.tracker.start_run("tests", "train")
     tracking = ray_train.Tracking(ctx.tracker.tracking_uri, stage)
-    marker = tmp_path / "interrupted"
-    with pytest.raises(ray_tune.SearchInterrupted, match="run it again"):
-        ray_tune.tune(cfg, dataset_dir, evaluator_dir=evaluator_dir, storage_path=tmp_path / "ray", tracking=tracking,
-                      faults={"interrupt_after_trials": 1, "marker": str(marker)})
-    assert marker.exists()
+    interrupt = interrupt_after_finished_trials(ctx.tracker, "tests", stage, count=1)
+    try:
+        with pytest.raises(ray_tune.SearchInterrupted, match="run it again"):
+            ray_tune.tune(cfg, dataset_dir, evaluator_dir=evaluator_dir, storage_path=tmp_path / "ray",
+                          tracking=tracking)
+    finally:
+        interrupt.stop()
+    assert interrupt.done.is_set() and interrupt.error is None, interrupt.error
     assert live_placement_groups() == [], "the interrupted trials' workers kept their CPUs"
     before = {r.data.tags["trial_id"]: r for r in child_runs(ctx, stage)}
     done_before = {t for t, r in before.items() if r.info.status == "FINISHED"}
