@@ -1,20 +1,28 @@
 """Search trials without a cluster: which trials train in their Tune process, what they reserve, how many run at once,
-when a checkpoint is scored, the in-memory batch order, where a trial's time went (TrialClock), and Ray's own
-output kept out of a search's."""
+a trial's config, when a checkpoint is scored and how (seeded, cached per process), the in-memory batch order, where a
+trial's time went (TrialClock), MLflow retries, and Ray's own output kept out of a search's."""
 
 import logging
+import math
 import os
+import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import pipelines
 from gan.config import ConfigError, load_config
+from gan.data import load_manifest, prepare, read_split
 from gan.data.batches import shuffled
 from gan.data.reader import Manifest
-from gan.metrics.in_training import ScoreSchedule
+from gan.loop import DataSpec, fit
+from gan.metrics import in_training, save_evaluator, train_evaluator
+from gan.metrics.in_training import CheckpointScorer, ScoreSchedule
 from pipelines import tune_trial
-from pipelines.ray_tune import max_concurrent_trials, trial_resources
+from pipelines.ray_train import model_batches
+from pipelines.ray_tune import max_concurrent_trials, trial_config, trial_resources
+from pipelines.tracking import with_retries
 from pipelines.tune_output import ray_output_wanted, search_output
 from pipelines.tune_trial import PHASES, TrialClock, trains_in_trial
 
@@ -129,3 +137,69 @@ def test_ray_output_is_off_during_a_search_unless_asked_for(monkeypatch):
     assert ray_output_wanted()
     with search_output():
         assert os.environ["RAY_AIR_NEW_OUTPUT"] == "1"
+
+
+def test_a_trial_config_takes_the_sampled_values_that_apply_to_it():
+    space = ("tune.space={optim.lr_g: {loguniform: [1e-4, 1e-3]}, model.family: {choice: [mlp, dcgan]},"
+             " model.g_width: {choice: [8, 16], when: {model.family: dcgan}}}")
+    cfg = load_config(None, ["name=s", "data.source=digits", "data.resolution=28", space])
+    dcgan = trial_config(cfg, {"optim.lr_g": 3e-4, "model.family": "dcgan", "model.g_width": 8}, "s-1")
+    assert (dcgan.optim.lr_g, dcgan.model.family, dcgan.model.g_width, dcgan.name) == (3e-4, "dcgan", 8, "s-1")
+    assert not dcgan.tune.enabled, "a trial's config is a plain training config"
+    mlp = trial_config(cfg, {"optim.lr_g": 2e-4, "model.family": "mlp", "model.g_width": 8})
+    assert mlp.model.family == "mlp" and mlp.model.g_width == cfg.model.g_width, "`when` did not hold: base value"
+    assert mlp.name == "s"
+
+
+def test_mlflow_calls_are_retried_on_a_locked_database_only():
+    calls = []
+
+    def locked_twice():
+        calls.append(1)
+        if len(calls) < 3:
+            raise RuntimeError("(sqlite3.OperationalError) database is locked")
+        return "ok"
+    assert with_retries(locked_twice, base_delay=0.001) == "ok" and len(calls) == 3
+    calls.clear()
+
+    def broken():
+        calls.append(1)
+        raise ValueError("no such run")
+    with pytest.raises(ValueError, match="no such run"):
+        with_retries(broken, base_delay=0.001)
+    assert len(calls) == 1, "an error that would happen again is not retried"
+    calls.clear()
+    with pytest.raises(RuntimeError, match="locked"):
+        with_retries(lambda: calls.append(1) or (_ for _ in ()).throw(RuntimeError("database is locked")),
+                     attempts=3, base_delay=0.001)
+    assert len(calls) == 3, "it gives up after `attempts`"
+
+
+def test_the_checkpoint_scorer_is_seeded_cached_per_process_and_inf_for_a_broken_generator(tmp_path):
+    cfg = load_config(None, ["data.source=digits", "data.resolution=16", "model.hidden=[16]", "model.z_dim=8",
+                             "train.batch_size=64", "train.kimg=0.2", "train.checkpoint_every_kimg=0.2",
+                             "train.fid_every_kimg=0.2"])
+    dataset_dir = prepare(cfg.data, tmp_path / "data")
+    x, y = read_split(dataset_dir, "train")
+    net, _ = train_evaluator(x, y, x[:200], y[:200], epochs=1)
+    evaluator_dir = save_evaluator(net, tmp_path / "evaluator")
+    kept = tmp_path / "checkpoint"
+
+    def keep(metrics, checkpoint_dir):
+        if checkpoint_dir:
+            shutil.copytree(checkpoint_dir, kept, dirs_exist_ok=True)
+    batches = model_batches(lambda e: shuffled(x, y, 64, seed=e), 1.0)
+    fit(cfg, batches, spec=DataSpec.from_manifest(load_manifest(dataset_dir)), report=keep)
+
+    before = in_training._real_side.cache_info().hits
+    first = CheckpointScorer(cfg, dataset_dir, evaluator_dir)(kept)
+    again = CheckpointScorer(cfg, dataset_dir, evaluator_dir)(kept)
+    assert set(first) == {"train/fid_2k"} and 0 < first["train/fid_2k"] < 1e4
+    assert again == first, "the same checkpoint scores the same: seeded latents, the same real side"
+    assert in_training._real_side.cache_info().hits > before, "the second scorer reused the real features"
+
+    state = torch.load(kept / "state.pt", weights_only=True)
+    for name in [k for k in state["modules"]["G_ema"] if k.endswith("weight")]:
+        state["modules"]["G_ema"][name] = torch.full_like(state["modules"]["G_ema"][name], float("nan"))
+    torch.save(state, kept / "state.pt")
+    assert CheckpointScorer(cfg, dataset_dir, evaluator_dir)(kept) == {"train/fid_2k": math.inf}
