@@ -149,20 +149,20 @@ def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     _log_start(tracker, run_id, cfg, search_cfg.name, checkpoint, setup["search"])
     tracking = ray_train.Tracking(setup["tracking_uri"], run_id)
     try:
-        if setup["train_split"] is not None:
-            train_in_trial(cfg, ray.get(setup["train_split"]), dataset_dir=setup["dataset_dir"],
-                           evaluator_dir=setup["evaluator_dir"], tracking=tracking, resume=checkpoint,
-                           send=_to_tune(setup["metric"]), clock=clock)
-        else:
-            train_on_workers(cfg, setup, trial_id, tracking, checkpoint, clock)
+        # When Tune stops the trial (SystemExit out of tune.report), its run stays RUNNING: it may go on.
+        with tracker.ending(run_id, failed=(Exception,)):
+            if setup["train_split"] is not None:
+                train_in_trial(cfg, ray.get(setup["train_split"]), dataset_dir=setup["dataset_dir"],
+                               evaluator_dir=setup["evaluator_dir"], tracking=tracking, resume=checkpoint,
+                               send=_to_tune(setup["metric"]), clock=clock)
+            else:
+                train_on_workers(cfg, setup, trial_id, tracking, checkpoint, clock)
     except Exception as err:
         tracker.set_tags(run_id, {"diverged": str(isinstance(err, NonFiniteLossError)
                                                   or "NonFiniteLossError" in str(err)).lower()})
-        tracker.end_run(run_id, "FAILED", error=f"{type(err).__name__}: {err}")
         raise
-    finally:  # also when Tune stops the trial (SystemExit out of tune.report); the run then stays RUNNING
+    finally:
         tracker.log_metrics(run_id, clock.summary(), step=round(clock.last.get("progress/kimg", 0.0) * 1000))
-    tracker.end_run(run_id, "FINISHED")
 
 
 def _log_start(tracker: Tracker, run_id: str, cfg: Config, search_name: str, checkpoint: Any, search: str) -> None:

@@ -73,14 +73,13 @@ def run_stage(ctx: Context, name: str, body: Callable[[str], dict[str, Any]], *,
     ctx.log(f"[{name}] started  {ctx.tracker.run_url(run_id)}")
     start = time.perf_counter()
     try:
-        out = body(run_id)
+        with ctx.tracker.ending(run_id):
+            out = body(run_id)
+            if ctx.stage_key:
+                ctx.tracker.set_tags(run_id, {"outputs": json.dumps(out, sort_keys=True, default=str)})
     except BaseException as err:
-        ctx.tracker.end_run(run_id, "FAILED", error=f"{type(err).__name__}: {err}")
         ctx.log(f"[{name}] FAILED after {time.perf_counter() - start:.1f}s: {type(err).__name__}: {err}")
         raise StageError(f"stage {name} failed: {err}") from err
-    if ctx.stage_key:
-        ctx.tracker.set_tags(run_id, {"outputs": json.dumps(out, sort_keys=True, default=str)})
-    ctx.tracker.end_run(run_id, "FINISHED")
     ctx.log(f"[{name}] finished in {time.perf_counter() - start:.1f}s")
     return {**out, "run_id": run_id}
 

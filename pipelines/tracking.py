@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -109,6 +110,17 @@ class Tracker:
         if error:
             self.set_tags(run_id, {"error": error[:5000]})
         with_retries(lambda: self.client.set_terminated(run_id, status))
+
+    @contextlib.contextmanager
+    def ending(self, run_id: str, failed: tuple[type[BaseException], ...] = (BaseException,)) -> Iterator[None]:
+        """Ends the run FINISHED when the block completes, FAILED with the error as its `error` tag when the block
+        raises one of `failed`; any other exception leaves it as it is."""
+        try:
+            yield
+        except failed as err:
+            self.end_run(run_id, "FAILED", error=f"{type(err).__name__}: {err}")
+            raise
+        self.end_run(run_id, "FINISHED")
 
     def run(self, run_id: str) -> Any:
         return with_retries(lambda: self.client.get_run(run_id))

@@ -169,13 +169,9 @@ def run_pipeline(cfg: Config, workdir: str | Path, *, storage_root: str | None =
     ctx = Context(workdir=workdir, tracker=tracker, experiment=cfg.name, parent_run_id=parent, log=log, storage=root)
     done: dict[str, dict[str, Any]] = {}
     start = time.perf_counter()
-    try:
+    with tracker.ending(parent):
         for name in STAGES:
             done[name] = run_stage_task(ctx, cfg, name, done)
-    except BaseException as err:
-        tracker.end_run(parent, "FAILED", error=f"{type(err).__name__}: {err}")
-        raise
-    tracker.end_run(parent, "FINISHED")
     log(f"[pipeline] finished in {time.perf_counter() - start:.1f}s")
     return {"pipeline_run_id": parent, **{STAGES[n].output: v for n, v in done.items()}}
 
@@ -193,13 +189,9 @@ def evaluate_registered(cfg: Config, workdir: str | Path, model_uri: str, *, sto
     parent = tracker.start_run(cfg.name, f"evaluate-{time.strftime('%Y%m%d-%H%M%S')}",
                                tags={"stage": "pipeline", "model_uri": model_uri, "storage": root})
     ctx = Context(workdir=workdir, tracker=tracker, experiment=cfg.name, parent_run_id=parent, log=log, storage=root)
-    try:
+    with tracker.ending(parent):
         done: dict[str, dict[str, Any]] = {}
         for name in ("prepare", "evaluator"):
             done[name] = run_stage_task(ctx, cfg, name, done)
         out = evaluate_model_stage(ctx, cfg, done["prepare"], done["evaluator"], model_uri)
-    except BaseException as err:
-        tracker.end_run(parent, "FAILED", error=f"{type(err).__name__}: {err}")
-        raise
-    tracker.end_run(parent, "FINISHED")
     return out
