@@ -20,7 +20,7 @@ from gan.config import Config, load_config
 from gan.data import load_manifest, prepare, read_split, to_model_range
 from gan.data.sources import mode_centres
 from gan.data.transforms import to_pixels
-from gan.evaluate import POINT_SAMPLES, primary_generator, score_images, score_points
+from gan.scoring import POINT_SAMPLES, primary_generator, score_images, score_points
 from gan.loop import DataSpec, fit
 from gan.metrics import count_tag, latent_sampler, real_floor, train_evaluator
 

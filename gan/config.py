@@ -16,7 +16,7 @@ import yaml
 
 from gan.config_checks import ConfigError
 from gan.config_checks import check as _check
-from gan.tune_space import SPEC_KINDS, TuneConfig
+from gan.tune_space import SPEC_KINDS, SearchConfig
 
 POINT_SOURCES = ("ring8", "grid25")
 IMAGE_SOURCES = ("digits", "mnist", "fashion-mnist", "cifar10", "idx", "folder")
@@ -314,7 +314,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
+    tune: SearchConfig = field(default_factory=SearchConfig)
     register: RegisterConfig = field(default_factory=RegisterConfig)
 
     def __post_init__(self) -> None:

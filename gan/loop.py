@@ -22,7 +22,7 @@ from gan.config import Config, OptimConfig, to_dict
 from gan.data.reader import Manifest
 from gan.data.sources import mode_centres
 from gan.models import build_models
-from gan.samples import save_samples
+from gan.rendering import save_samples
 from gan.step import StepStats, d_step, ema_update, g_step
 
 Batch = tuple[Tensor, Tensor | None]

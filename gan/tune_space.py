@@ -19,7 +19,7 @@ UNSEARCHABLE = ("name", "data.", "scale.", "tune.")
 
 
 @dataclass(frozen=True, kw_only=True)
-class TuneConfig:
+class SearchConfig:
     space: dict[str, Any] = field(default_factory=dict)
     """Search space: dotted config key -> one of {loguniform: [lo, hi]}, {uniform: [lo, hi]} (float keys),
     {randint: [lo, hi]} (int keys, both ends included) or {choice: [v1, v2, ...]} (any key). A spec with

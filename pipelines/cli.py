@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return submit_cmd.main(args)
     if args.command == "sample":
-        from pipelines.sampling import sample_command
+        from pipelines.sample_command import sample_command
 
         return sample_command(args)
     try:

@@ -40,7 +40,7 @@ from gan.data.batches import epoch_seed, shuffled
 from gan.loop import DataSpec, fit
 from gan.metrics.in_training import UNSCORED, CheckpointScorer, ScoreSchedule, score_key
 from gan.parallel import ddp_options
-from gan.samples import save_loss_curves
+from gan.rendering import save_loss_curves
 from pipelines import ray_compat
 from pipelines.tracking import Tracker
 

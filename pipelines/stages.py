@@ -14,7 +14,7 @@ from typing import Any
 from gan import storage
 from gan.config import Config, config_hash, flatten
 from gan.data import load_manifest, prepare, read_split
-from gan.evaluate import (
+from gan.scoring import (
     discriminator_from_checkpoint,
     generators_from_checkpoint,
     primary_generator,
@@ -27,7 +27,7 @@ from gan.metrics import evaluator_meta, load_evaluator, load_inception, real_flo
 from gan.metrics.evaluator import META_FILE as EVALUATOR_META
 from gan.metrics.semi_supervised import semi_supervised_metrics
 from pipelines import ray_train
-from pipelines.registry import CHAMPION, check_gate, elect_champion, git_commit, model_name, version_tags
+from pipelines.model_registry import CHAMPION, check_gate, elect_champion, git_commit, model_name, version_tags
 from pipelines.tracking import Tracker
 
 

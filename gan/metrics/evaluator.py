@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from gan import storage
 from gan.config import EVALUATOR_FEATURES
 from gan.data.transforms import to_model_range
-from gan.samples import eval_mode
+from gan.rendering import eval_mode
 
 log = logging.getLogger(__name__)
 

@@ -15,7 +15,7 @@ from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
 from gan.data.transforms import to_model_range, to_pixels
-from gan.samples import eval_mode, generate
+from gan.rendering import eval_mode, generate
 
 log = logging.getLogger(__name__)
 

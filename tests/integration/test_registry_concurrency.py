@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gan.export import served_generator
-from pipelines.registry import CHALLENGER, CHAMPION, elect_champion, version_tags
+from pipelines.model_registry import CHALLENGER, CHAMPION, elect_champion, version_tags
 from pipelines.tracking import Tracker
 
 pytestmark = pytest.mark.integration

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from gan.config import load_config
-from gan.evaluate import generators_from_checkpoint
+from gan.scoring import generators_from_checkpoint
 from pipelines import cli
-from pipelines.registry import CHAMPION
+from pipelines.model_registry import CHAMPION
 from pipelines.stages import StageError
 from pipelines.tracking import Tracker, default_tracking_uri
 from pipelines.workflow import STAGES, evaluate_registered, run_pipeline

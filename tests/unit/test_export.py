@@ -7,7 +7,7 @@ import torch
 from gan.config import ModelConfig
 from gan.export import ModelRangeView, served_generator
 from gan.models import build_models
-from gan.samples import generate
+from gan.rendering import generate
 
 
 def _served(conditional: bool, points: bool = False):

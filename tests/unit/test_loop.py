@@ -12,7 +12,7 @@ from gan.config import load_config
 from gan.data.sources import MODE_SIGMA, mode_centres
 from gan.loop import DataSpec, NonFiniteLossError, fit, lr_factor
 from gan.metrics.modes import mode_stats
-from gan.samples import generate
+from gan.rendering import generate
 
 
 def ring_points(n: int, seed: int = 0) -> torch.Tensor:

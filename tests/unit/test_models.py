@@ -1,4 +1,4 @@
-"""Network registry: shapes, reference layouts, heads' closed forms, gradients to every parameter, errors."""
+"""Network families: shapes, reference layouts, heads' closed forms, gradients to every parameter, errors."""
 
 from __future__ import annotations
 

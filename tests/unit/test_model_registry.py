@@ -5,7 +5,7 @@ import torch
 
 from gan.config import load_config
 from gan.export import served_generator
-from pipelines.registry import (
+from pipelines.model_registry import (
     CHALLENGER,
     CHAMPION,
     GateError,

@@ -11,7 +11,7 @@ import torch
 from torchvision.utils import save_image
 
 from gan.data.sources import mode_centres
-from gan.samples import save_scatter
+from gan.rendering import save_scatter
 from pipelines.tracking import Tracker, default_tracking_uri
 
 

@@ -16,7 +16,7 @@ from gan.data.transforms import to_points
 from gan.metrics.image_metrics import evaluate_images, latent_sampler
 from gan.metrics.modes import mode_stats
 from gan.models import build_models
-from gan.samples import generate, save_image_grid, save_scatter
+from gan.rendering import generate, save_image_grid, save_scatter
 
 POINT_SAMPLES = 2500  # the sample count of the VEEGAN/PacGAN 2-D tables
 

@@ -1,4 +1,4 @@
-"""Registry of network families and `build_models`, the one entry point from a ModelConfig to (G, D)."""
+"""The network families (`@register_model`) and `build_models`, the one entry point from a ModelConfig to (G, D)."""
 
 from __future__ import annotations
 
