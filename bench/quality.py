@@ -16,13 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from gan.config import Config, load_config
+from gan.config import Config
+from gan.config_loader import load_config
 from gan.data import load_manifest, prepare, read_split, to_model_range
 from gan.data.sources import mode_centres
 from gan.data.transforms import to_pixels
-from gan.scoring import POINT_SAMPLES, primary_generator, score_images, score_points
 from gan.loop import DataSpec, fit
 from gan.metrics import count_tag, latent_sampler, real_floor, train_evaluator
+from gan.scoring import POINT_SAMPLES, primary_generator, score_images, score_points
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST_ROOT = REPO.parent / "shared" / "data" / "mnist-t10k"

@@ -18,7 +18,7 @@ from typing import Any
 
 import ray
 
-from gan.config import load_config
+from gan.config_loader import load_config
 from pipelines import ray_train, ray_tune
 from pipelines.stages import Context, evaluator_stage, prepare_stage
 from pipelines.tracking import Tracker

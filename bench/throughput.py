@@ -28,7 +28,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 
-from gan.config import Config, from_dict, load_config, to_dict
+from gan.config import Config
+from gan.config_loader import from_dict, load_config, to_dict
 from gan.data import load_manifest, prepare, read_split, to_model_range
 from gan.loop import DataSpec, fit
 from gan.models import build_models

@@ -1,22 +1,19 @@
-"""Typed, frozen run configuration: sections, validation, YAML loading, dotted overrides, flattening."""
+"""Typed, frozen run configuration: the sections, their validation, and copies with dotted keys set
+(YAML, overrides and flattening: gan.config_loader)."""
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import functools
 import json
 import math
-import types
-import typing
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from gan.config_checks import ConfigError
+from gan.config_checks import ConfigError as ConfigError  # re-exported: the error a config user catches
 from gan.config_checks import check as _check
-from gan.tune_space import SPEC_KINDS, SearchConfig
+from gan.config_checks import leaf_types
+from gan.tune_space import SearchConfig, check_space_values, parse_space
 
 POINT_SOURCES = ("ring8", "grid25")
 IMAGE_SOURCES = ("digits", "mnist", "fashion-mnist", "cifar10", "idx", "folder")
@@ -339,164 +336,11 @@ class Config:
             _check(self.eval.num_samples >= features, "eval.num_samples",
                    f"must be >= the feature dimension {features} for a meaningful FID", self.eval.num_samples)
         if self.tune.enabled:
-            self._check_space()
-
-    def _check_space(self) -> None:
-        """Every choice (and both ends of every range) must give a valid config with the rest of this one."""
-        base = to_dict(self)
-        base["tune"] = {}
-        flat = flatten(self)
-        for key, spec in self.tune.space.items():
-            kind = next(k for k in SPEC_KINDS if k in spec)
-            for value in spec[kind]:
-                cond = {k: allowed[0] for k, allowed in spec.get("when", {}).items() if flat[k] not in allowed}
-                try:
-                    from_dict(apply_overrides(base, {**cond, key: value}))
-                except ConfigError as err:
-                    extra = f" with {cond}" if cond else ""
-                    raise ConfigError(f"tune.space.{key}: {kind} value {value!r}{extra} gives an invalid config: "
-                                      f"{err}") from err
+            object.__setattr__(self, "tune", dataclasses.replace(self.tune, space=parse_space(self.tune.space,
+                                                                                              _leaf_types())))
+            check_space_values(self)
 
 
-def _field_type(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
-
-
-def _coerce(value: Any, tp: Any, key: str) -> Any:
-    """Checks `value` against the annotation `tp`; ints are accepted for floats, lists for tuples."""
-    origin = typing.get_origin(tp)
-    if origin is dict:
-        if isinstance(value, str):
-            # flatten() writes a mapping as one JSON string (an MLflow param); read it back.
-            try:
-                value = yaml.safe_load(value)
-            except yaml.YAMLError as err:
-                raise ConfigError(f"{key} must be a mapping, got {value!r}") from err
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key} must be a mapping, got {value!r}")
-        return json.loads(json.dumps(value))
-    if origin is tuple:
-        item_tp = typing.get_args(tp)[0]
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key} must be a list, got {value!r}")
-        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            if value is None and arg is type(None):
-                return None
-        return _coerce(value, next(a for a in typing.get_args(tp) if a is not type(None)), key)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):
-        # PyYAML reads `1e-3` (no dot) as a string: accept what float() accepts.
-        try:
-            value = float(value)
-        except ValueError:
-            pass
-    if tp is float and isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key} must be a finite number, got {value!r}")
-    if tp is bool and not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    if tp in (int, float, str) and (not isinstance(value, tp) or isinstance(value, bool)):
-        raise ConfigError(f"{key} must be of type {tp.__name__}, got {value!r}")
-    return value
-
-
-def _build(cls: type, values: dict[str, Any], prefix: str) -> Any:
-    if not isinstance(values, dict):
-        raise ConfigError(f"{prefix or 'config'} must be a mapping, got {values!r}")
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in values:
-        if key not in names:
-            where = f"{prefix}.{key}" if prefix else key
-            raise ConfigError(f"unknown key {where!r}; known keys: {', '.join(sorted(names))}")
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{prefix}.{name}" if prefix else name
-        tp = _field_type(cls, name)
-        kwargs[name] = _build(tp, value, key) if dataclasses.is_dataclass(tp) else _coerce(value, tp, key)
-    return cls(**kwargs)
-
-
-def from_dict(values: dict[str, Any]) -> Config:
-    """Builds a Config from nested plain values; unknown keys and bad values raise ConfigError."""
-    return _build(Config, values, "")
-
-
-def to_dict(cfg: Config) -> dict[str, Any]:
-    """Nested plain values (tuples as lists): the form that crosses the Ray boundary and YAML."""
-    def plain(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
-    return plain(dataclasses.asdict(cfg))
-
-
-def flatten(cfg: Config) -> dict[str, Any]:
-    """Dotted keys (`optim.lr_g`) to values: MLflow params, Tune search spaces and --set share these names."""
-    out: dict[str, Any] = {}
-
-    def walk(prefix: str, value: Any) -> None:
-        if prefix == "tune.space":
-            out[prefix] = json.dumps(value, sort_keys=True)  # one param: its keys are dotted themselves
-        elif isinstance(value, dict):
-            for k, v in value.items():
-                walk(f"{prefix}.{k}" if prefix else k, v)
-        else:
-            out[prefix] = value
-    walk("", to_dict(cfg))
-    return out
-
-
-def apply_overrides(values: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
-    """Returns a deep copy of nested `values` with dotted keys set; unknown keys are caught when built."""
-    merged = json.loads(json.dumps(values))
-    for dotted, value in overrides.items():
-        node = merged
-        *parents, leaf = dotted.split(".")
-        for part in parents:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise ConfigError(f"{dotted}: {part!r} is a value, not a section")
-            node = child
-        node[leaf] = value
-    return merged
-
-
-def parse_override(text: str) -> tuple[str, Any]:
-    """Parses `key=value` from the command line; the value is read as YAML (numbers, bools, lists)."""
-    if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key=value")
-    key, raw = text.split("=", 1)
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{key}: cannot parse value {raw!r}: {err}") from err
-    return key.strip(), value
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | dict[str, Any] | None = None) -> Config:
-    """YAML file (optional) plus `key=value` overrides -> validated Config."""
-    values: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(Path(path).read_text())
-        except FileNotFoundError as err:
-            raise ConfigError(f"config file {path} does not exist") from err
-        except yaml.YAMLError as err:
-            raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping, got {type(loaded).__name__}")
-        values = loaded or {}
-    if overrides:
-        pairs = overrides.items() if isinstance(overrides, dict) else map(parse_override, overrides)
-        values = apply_overrides(values, dict(pairs))
-    return from_dict(values)
-
-
-def config_hash(section: Any) -> str:
-    """Short stable hash of a config (or one section), for lineage and cache keys."""
-    plain = to_dict(section) if isinstance(section, Config) else dataclasses.asdict(section)
-    return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()[:16]
+@functools.cache
+def _leaf_types() -> dict[str, Any]:
+    return leaf_types(Config)

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from gan.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from gan.config import Config, OptimConfig, to_dict
+from gan.config import Config, OptimConfig
+from gan.config_loader import to_dict
 from gan.data.reader import Manifest
 from gan.data.sources import mode_centres
 from gan.models import build_models

@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 from gan.checkpoint import read_checkpoint
-from gan.config import Config, from_dict
+from gan.config import Config
+from gan.config_loader import from_dict
 from gan.data.sources import MODE_SIGMA, mode_centres
 from gan.data.transforms import to_points
 from gan.metrics.image_metrics import evaluate_images, latent_sampler

@@ -6,10 +6,9 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from functools import cache
 from typing import Any
 
-from gan.config_checks import ConfigError
+from gan.config_checks import ConfigError, coerce, value_at, with_values
 from gan.config_checks import check as _check
 
 SCHEDULERS = ("asha", "pbt", "fifo")
@@ -69,7 +68,6 @@ class SearchConfig:
                self.cpus_per_trial)
         if not isinstance(self.space, dict):
             raise ConfigError(f"tune.space must be a mapping of config keys to specs, got {self.space!r}")
-        object.__setattr__(self, "space", {k: _check_spec(k, v) for k, v in self.space.items()})
         if self.enabled and self.scheduler == "pbt":
             _check(any(k in self.space for k in PBT_MUTABLE), "tune.scheduler",
                    f"pbt explores {' and '.join(PBT_MUTABLE)}: put at least one of them in tune.space", "pbt")
@@ -83,31 +81,31 @@ class SearchConfig:
         return bool(self.space)
 
 
-@cache
-def _key_types() -> dict[str, Any]:
-    """Dotted config key -> its annotation, for every leaf of Config."""
-    from gan.config import Config, _field_type  # gan.config imports this module for its tune section
-
-    out: dict[str, Any] = {}
-
-    def walk(cls: type, prefix: str) -> None:
-        for f in dataclasses.fields(cls):
-            tp = _field_type(cls, f.name)
-            key = f"{prefix}{f.name}"
-            if dataclasses.is_dataclass(tp):
-                walk(tp, key + ".")
-            else:
-                out[key] = tp
-    walk(Config, "")
-    return out
+def parse_space(space: dict[str, Any], key_types: dict[str, Any]) -> dict[str, Any]:
+    """Validates each search-space entry against the config's dotted keys and their types (`key_types`, from
+    `gan.config`, which holds this section) and returns the space with numbers parsed."""
+    return {key: _parse_spec(key, spec, key_types) for key, spec in space.items()}
 
 
-def _check_spec(key: str, spec: Any) -> dict[str, Any]:
-    """Validates one search-space entry and returns it with numbers parsed (YAML reads 1e-4 as a string)."""
-    from gan.config import _coerce
+def check_space_values(cfg: Any) -> None:
+    """Every choice (and both ends of every range) of `cfg`'s parsed space must give a valid config with the rest
+    of `cfg`."""
+    base = dataclasses.replace(cfg, tune=SearchConfig())
+    for key, spec in cfg.tune.space.items():
+        kind = next(k for k in SPEC_KINDS if k in spec)
+        for value in spec[kind]:
+            cond = {k: allowed[0] for k, allowed in spec.get("when", {}).items() if value_at(cfg, k) not in allowed}
+            try:
+                with_values(base, {**cond, key: value})
+            except ConfigError as err:
+                extra = f" with {cond}" if cond else ""
+                raise ConfigError(f"tune.space.{key}: {kind} value {value!r}{extra} gives an invalid config: "
+                                  f"{err}") from err
 
+
+def _parse_spec(key: str, spec: Any, types_: dict[str, Any]) -> dict[str, Any]:
+    """One search-space entry, checked, with its numbers parsed (YAML reads 1e-4 as a string)."""
     where = f"tune.space.{key}"
-    types_ = _key_types()
     if key not in types_:
         raise ConfigError(f"{where}: {key} is not a config key")
     if any(key == p or (p.endswith(".") and key.startswith(p)) for p in UNSEARCHABLE):
@@ -125,7 +123,7 @@ def _check_spec(key: str, spec: Any) -> dict[str, Any]:
     if not isinstance(values, list) or not values:
         raise ConfigError(f"{where}.{kind} must be a non-empty list, got {values!r}")
     if kind == "choice":
-        parsed = [_coerce(v, tp, f"{where}.choice[{i}]") for i, v in enumerate(values)]
+        parsed = [coerce(v, tp, f"{where}.choice[{i}]") for i, v in enumerate(values)]
         parsed = [list(v) if isinstance(v, tuple) else v for v in parsed]
     else:
         num = int if kind == "randint" else float
@@ -133,7 +131,7 @@ def _check_spec(key: str, spec: Any) -> dict[str, Any]:
             raise ConfigError(f"{where}.{kind} needs a {num.__name__} key, but {key} is {getattr(tp, '__name__', tp)}")
         if len(values) != 2:
             raise ConfigError(f"{where}.{kind} must be [low, high], got {values!r}")
-        parsed = [_coerce(v, num, f"{where}.{kind}") for v in values]
+        parsed = [coerce(v, num, f"{where}.{kind}") for v in values]
         lo, hi = parsed
         _check(lo < hi, f"{where}.{kind}", "must have low < high", values)
         if kind == "loguniform":

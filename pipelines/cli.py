@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from gan import storage
-from gan.config import Config, ConfigError, load_config
+from gan.config import Config, ConfigError
+from gan.config_loader import load_config
 from gan.metrics.inception import check_inception_weights
 from pipelines import ray_compat
 

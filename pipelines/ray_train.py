@@ -34,7 +34,8 @@ from ray.train.torch import TorchTrainer, get_device, prepare_model
 
 from gan import storage
 from gan.checkpoint import STATE_FILE
-from gan.config import Config, ConfigError, from_dict, to_dict
+from gan.config import Config, ConfigError
+from gan.config_loader import from_dict, to_dict
 from gan.data import decode, keep_labels, load_manifest, shard_files, to_model_range
 from gan.data.batches import epoch_seed, shuffled
 from gan.loop import DataSpec, fit

@@ -20,7 +20,8 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from gan import storage
 from gan.checkpoint import META_FILE
-from gan.config import Config, ConfigError, apply_overrides, flatten, from_dict, to_dict
+from gan.config import Config, ConfigError
+from gan.config_loader import apply_overrides, flatten, from_dict, to_dict
 from gan.data import load_manifest, read_split
 from gan.loop import NonFiniteLossError
 from gan.metrics.in_training import score_key

@@ -12,8 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from gan import storage
-from gan.config import Config, config_hash, flatten
+from gan.config import Config
+from gan.config_loader import config_hash, flatten
 from gan.data import load_manifest, prepare, read_split
+from gan.export import ModelRangeView, served_generator
+from gan.metrics import evaluator_meta, load_evaluator, load_inception, real_floor, save_evaluator, train_evaluator
+from gan.metrics.evaluator import META_FILE as EVALUATOR_META
+from gan.metrics.semi_supervised import semi_supervised_metrics
 from gan.scoring import (
     discriminator_from_checkpoint,
     generators_from_checkpoint,
@@ -22,10 +27,6 @@ from gan.scoring import (
     score_images,
     score_points,
 )
-from gan.export import ModelRangeView, served_generator
-from gan.metrics import evaluator_meta, load_evaluator, load_inception, real_floor, save_evaluator, train_evaluator
-from gan.metrics.evaluator import META_FILE as EVALUATOR_META
-from gan.metrics.semi_supervised import semi_supervised_metrics
 from pipelines import ray_train
 from pipelines.model_registry import CHAMPION, check_gate, elect_champion, git_commit, model_name, version_tags
 from pipelines.tracking import Tracker

@@ -81,6 +81,7 @@ def parse_env(pairs: list[str], environ: Mapping[str, str]) -> dict[str, str]:
     return env
 
 
+# Ray 2.60 has no public API for this lookup (its loader is the internal ray._raylet.AuthenticationTokenLoader).
 def find_token(environ: Mapping[str, str]) -> Token | None:
     """The token Ray's AuthenticationTokenLoader would load, in its order; None when there is none.
 
@@ -147,7 +148,8 @@ def auth_headers(token: Token | None, environ: Mapping[str, str]) -> dict[str, s
 
 def pipeline_command(argv: list[str], working_dir: Path) -> list[str]:
     """The pipeline arguments after `--`, validated here as `python -m pipelines` would validate them there."""
-    from gan.config import ConfigError, load_config
+    from gan.config import ConfigError
+    from gan.config_loader import load_config
     from pipelines.cli import _parser
 
     argv = argv[1:] if argv[:1] == ["--"] else list(argv)
@@ -189,7 +191,7 @@ def main(args: argparse.Namespace) -> int:
             raise SubmitError(f"--working-dir {working_dir} is not a folder")
         argv = pipeline_command(args.pipeline_args, working_dir)
         address = resolve_address(args.address, environ)
-        from pipelines.registry import git_commit
+        from pipelines.model_registry import git_commit
 
         # The uploaded working dir has no .git: the registered version's git_commit tag comes from here.
         env_vars = {"RAYGAN_GIT_COMMIT": git_commit(), **parse_env(args.env, environ)}

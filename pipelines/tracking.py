@@ -30,13 +30,21 @@ def default_tracking_uri(workdir: str | Path) -> str:
 def with_retries(fn: Callable[[], T], *, attempts: int = 8, base_delay: float = 0.05,
                  also: tuple[str, ...] = ()) -> T:
     """Runs `fn`, retrying SQLite lock and transient HTTP errors (and errors containing any of `also`) with
-    jittered exponential backoff."""
+    jittered exponential backoff.
+
+    MLflow's REST client retries refused connections, resets before the response headers and 408/429/5xx itself
+    (MLFLOW_HTTP_REQUEST_MAX_RETRIES, MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR). It retries neither SQLite's locks, nor a
+    reset while the response body is read, nor a database store (postgresql://...) refusing connections after
+    start-up, so those stay here. An error saying MLflow's own retries ran out ("max retries exceeded") is final.
+    """
     retryable = RETRYABLE + also
     for attempt in range(attempts):
         try:
             return fn()
         except Exception as err:  # MLflow wraps SQLAlchemy and requests errors in several types
-            if attempt == attempts - 1 or not any(s in str(err).lower() for s in retryable):
+            message = str(err).lower()
+            if (attempt == attempts - 1 or not any(s in message for s in retryable)
+                    or "max retries exceeded" in message):
                 raise
             time.sleep(base_delay * (2 ** attempt) * (0.5 + random.random()))
     raise AssertionError("unreachable")

@@ -15,7 +15,8 @@ import ray
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from gan import storage
-from gan.config import Config, flatten, from_dict, to_dict
+from gan.config import Config
+from gan.config_loader import flatten, from_dict, to_dict
 from gan.data import DatasetError, load_manifest, verify
 from pipelines.stages import (
     Context,

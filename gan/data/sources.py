@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torchvision.transforms.functional import resize
 
 from gan.config import SOURCES, ConfigError, DataConfig
 from gan.data.reader import DatasetError
@@ -127,14 +127,17 @@ def _channels(x: np.ndarray, channels: int) -> np.ndarray:
 
 
 def _resize(x: np.ndarray, size: int, chunk: int = 4096) -> np.ndarray:
-    """uint8 (N, C, H, W) -> (N, C, size, size) by antialiased bilinear interpolation, rounded."""
+    """uint8 (N, C, H, W) -> (N, C, size, size) by antialiased bilinear interpolation, rounded.
+
+    torchvision.transforms.functional.resize computes in float32 and rounds; the v2 resize uses a native uint8
+    kernel on CPUs with AVX2 whose rounding differs by up to 1, which would change the stored data by machine.
+    """
     if x.shape[-2:] == (size, size):
         return x
     out = np.empty((len(x), x.shape[1], size, size), np.uint8)
     for i in range(0, len(x), chunk):
-        batch = torch.from_numpy(np.ascontiguousarray(x[i:i + chunk])).float()
-        batch = F.interpolate(batch, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-        out[i:i + chunk] = batch.round_().clamp_(0, 255).to(torch.uint8).numpy()
+        batch = torch.from_numpy(np.ascontiguousarray(x[i:i + chunk]))
+        out[i:i + chunk] = resize(batch, [size, size], antialias=True).numpy()
     return out
 
 

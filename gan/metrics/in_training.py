@@ -10,11 +10,11 @@ import torch
 
 from gan.config import Config
 from gan.data import MODE_SIGMA, load_manifest, mode_centres, read_split, to_model_range, to_pixels, to_points
-from gan.scoring import generators_from_checkpoint, primary_generator
 from gan.metrics.evaluator import load_evaluator
 from gan.metrics.image_metrics import count_tag, extract, fid_from_features, latent_sampler, real_features
 from gan.metrics.modes import mode_stats
 from gan.rendering import generate
+from gan.scoring import generators_from_checkpoint, primary_generator
 
 UNSCORED = "train/unscored"
 """Set to 1 on a checkpoint reported between scores, whose score key then holds +inf: a checkpoint manager that

@@ -5,8 +5,8 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from gan.config import ConfigError, ModelConfig
-from gan.models.heads import DiscriminatorHead, GeneratorInput, apply_spectral_norm, pack_samples
 from gan.models.families import register_model
+from gan.models.heads import DiscriminatorHead, GeneratorInput, apply_spectral_norm, pack_samples
 
 # Side of G's first feature map (and D's last) -> stride-2 stages up to the resolution.
 STEM = {28: (7, 2), 32: (4, 3), 64: (4, 4)}

@@ -7,8 +7,8 @@ import math
 from torch import Tensor, nn
 
 from gan.config import ModelConfig
-from gan.models.heads import DiscriminatorHead, FourierFeatures, GeneratorInput, apply_spectral_norm, pack_samples
 from gan.models.families import register_model
+from gan.models.heads import DiscriminatorHead, FourierFeatures, GeneratorInput, apply_spectral_norm, pack_samples
 
 
 class MLPGenerator(nn.Module):

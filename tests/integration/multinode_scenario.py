@@ -40,7 +40,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy  # noqa: E402
 
 from gan import storage  # noqa: E402
-from gan.config import load_config  # noqa: E402
+from gan.config_loader import load_config  # noqa: E402
 from pipelines.storage_probe import check_storage  # noqa: E402
 from pipelines.tracking import Tracker  # noqa: E402
 from pipelines.workflow import run_pipeline  # noqa: E402

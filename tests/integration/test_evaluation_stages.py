@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gan.config import load_config
+from gan.config_loader import load_config
 from gan.data import keep_labels, load_manifest, read_split, to_model_range
 from gan.loop import DataSpec, fit, save_state
 from pipelines.stages import evaluate_stage, evaluator_stage, prepare_stage

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from gan.checkpoint import read_checkpoint
-from gan.config import load_config
+from gan.config_loader import load_config
 from pipelines.stages import StageError, prepare_stage, train_stage
 from tests.faults import DIVERGING_LR, kill_a_train_worker_after
 

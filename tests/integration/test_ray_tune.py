@@ -10,7 +10,7 @@ import pytest
 import ray
 
 from gan.checkpoint import read_checkpoint
-from gan.config import load_config
+from gan.config_loader import load_config
 from pipelines import ray_train, ray_tune
 from pipelines.stages import Context, evaluator_stage, prepare_stage
 from pipelines.tracking import Tracker

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gan.config import load_config
+from gan.config_loader import load_config
 from pipelines.stages import Context, prepare_stage, train_stage
 from pipelines.tracking import Tracker
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from gan.config import load_config
+from gan.config_loader import load_config
 from gan.scoring import generators_from_checkpoint
 from pipelines import cli
 from pipelines.model_registry import CHAMPION

@@ -31,3 +31,15 @@ def test_importing_all_of_gan_loads_neither_ray_nor_mlflow():
     out = subprocess.run([sys.executable, "-c", code], cwd=GAN.parent, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout) >= 10
+
+
+def test_the_config_modules_import_each_other_one_way():
+    """config_checks <- tune_space <- config <- config_loader: no cycle, no import hidden in a function."""
+    allowed = {"config_checks": set(), "tune_space": {"gan.config_checks"},
+               "config": {"gan.config_checks", "gan.tune_space"},
+               "config_loader": {"gan.config", "gan.config_checks"}}
+    for name, may_import in allowed.items():
+        tree = ast.parse((GAN / f"{name}.py").read_text())
+        imported = {n.module for n in ast.walk(tree)
+                    if isinstance(n, ast.ImportFrom) and (n.module or "").startswith("gan")}
+        assert imported == may_import, (name, imported)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from gan.checkpoint import STATE_FILE, read_checkpoint
-from gan.config import load_config
+from gan.config_loader import load_config
 from gan.loop import DataSpec, build_state, fit, restore_state, save_state
 
 from .test_loop import ring_batches

@@ -2,7 +2,8 @@
 
 import pytest
 
-from gan.config import ConfigError, load_config
+from gan.config import ConfigError
+from gan.config_loader import load_config
 from pipelines import cli
 from pipelines.cli import main
 from pipelines.ray_train import check_resources

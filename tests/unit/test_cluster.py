@@ -20,7 +20,8 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from gan.config import Config, load_config
+from gan.config import Config
+from gan.config_loader import load_config
 from pipelines.cli import _parser
 from pipelines.ray_train import check_resources
 

@@ -2,7 +2,8 @@
 
 import pytest
 
-from gan.config import Config, ConfigError, config_hash, flatten, from_dict, load_config, to_dict
+from gan.config import Config, ConfigError
+from gan.config_loader import config_hash, flatten, from_dict, load_config, to_dict
 
 
 def test_yaml_and_overrides_build_a_typed_config(tmp_path):

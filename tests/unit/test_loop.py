@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gan.config import load_config
+from gan.config_loader import load_config
 from gan.data.sources import MODE_SIGMA, mode_centres
 from gan.loop import DataSpec, NonFiniteLossError, fit, lr_factor
 from gan.metrics.modes import mode_stats

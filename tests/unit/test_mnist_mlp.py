@@ -2,7 +2,8 @@
 
 import torch
 
-from gan.config import DataConfig, load_config
+from gan.config import DataConfig
+from gan.config_loader import load_config
 from gan.data import prepare, read_split, to_model_range
 from gan.data.reader import load_manifest
 from gan.loop import DataSpec, fit

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gan.config import load_config
+from gan.config_loader import load_config
 from gan.export import served_generator
 from pipelines.model_registry import (
     CHALLENGER,

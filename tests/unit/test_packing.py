@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from gan.config import ConfigError, ModelConfig, load_config
+from gan.config import ConfigError, ModelConfig
+from gan.config_loader import load_config
 from gan.models import build_models
 from gan.models.heads import FourierFeatures, pack_samples
 

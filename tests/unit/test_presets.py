@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gan.config import Config, load_config
+from gan.config import Config
+from gan.config_loader import load_config
 from gan.models import build_models, realness_logit
 
 PRESETS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import pipelines
-from gan.config import ConfigError, load_config
+from gan.config import ConfigError
+from gan.config_loader import load_config
 from gan.data import load_manifest, prepare, read_split
 from gan.data.batches import shuffled
 from gan.data.reader import Manifest

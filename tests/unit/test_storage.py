@@ -10,7 +10,8 @@ import torch
 
 from gan import storage
 from gan.checkpoint import CheckpointError, read_checkpoint
-from gan.config import DataConfig, load_config
+from gan.config import DataConfig
+from gan.config_loader import load_config
 from gan.data import DatasetError, load_manifest, prepare, read_split, shard_paths, verify
 from gan.loop import DataSpec, fit, save_state
 from gan.metrics import load_evaluator, save_evaluator

@@ -2,7 +2,8 @@
 
 import pytest
 
-from gan.config import ConfigError, config_hash, flatten, from_dict, load_config, to_dict
+from gan.config import ConfigError
+from gan.config_loader import config_hash, flatten, from_dict, load_config, to_dict
 from gan.tune_space import applies
 
 
