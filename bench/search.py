@@ -19,7 +19,7 @@ from typing import Any
 import ray
 
 from gan.config_loader import load_config
-from pipelines import ray_train, ray_tune
+from pipelines import ray_train_worker, ray_tune
 from pipelines.stages import Context, evaluator_stage, prepare_stage
 from pipelines.tracking import Tracker
 from pipelines.tune_trial import PHASES
@@ -59,8 +59,9 @@ def main() -> None:
         cfg = load_config(None, [*base, f"name=bench-{name}", *overrides])
         stage = tracker.start_run("bench-search", name)
         start = time.perf_counter()
+        tracking = ray_train_worker.Tracking(tracker.tracking_uri, stage)
         out = ray_tune.tune(cfg, dataset["dataset_dir"], evaluator_dir=evaluator["evaluator_dir"],
-                            storage_path=workdir / "ray", tracking=ray_train.Tracking(tracker.tracking_uri, stage))
+                            storage_path=workdir / "ray", tracking=tracking)
         return out, time.perf_counter() - start
 
     rows, trials, walls = {}, {}, {}

@@ -179,7 +179,8 @@ def run_ddp(cfg: Config, dataset_dir: Path, warmup_kimg: float, world: int = 2) 
 
 def run_ray(cfg: Config, dataset_dir: Path, warmup_kimg: float, workdir: Path) -> Result:
     """pipelines.ray_train.train; rank 0 logs every interval's metrics to a throwaway MLflow store."""
-    from pipelines.ray_train import Tracking, train
+    from pipelines.ray_train import train
+    from pipelines.ray_train_worker import Tracking
     from pipelines.tracking import Tracker
 
     uri = f"sqlite:///{workdir / 'mlflow.db'}"

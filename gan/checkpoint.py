@@ -83,3 +83,14 @@ def load_checkpoint(directory: str | Path, *, modules: dict[str, nn.Module],
     if restore_rng:
         set_rng_state(state["rng"])
     return state
+
+
+def override_optimizer_settings(directory: str | Path, settings: dict[str, dict[str, Any]]) -> None:
+    """Rewrites the param groups' settings (e.g. {"opt_g": {"lr": 1e-4, "betas": (0.5, 0.999)}}) in a local
+    checkpoint folder's state file; the optimizers' moments are kept."""
+    path = Path(directory) / STATE_FILE
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for name, values in settings.items():
+        for group in state["optimizers"][name]["param_groups"]:
+            group.update(values)
+    torch.save(state, path)

@@ -173,6 +173,108 @@ def _rng_kept(device: torch.device) -> contextlib.AbstractContextManager:
     return torch.random.fork_rng(devices=[torch.cuda.current_device() if device.index is None else device.index])
 
 
+class _Reporter:
+    """Builds each report (the window's means, speed, progress, learning rates, where the time went), saves the
+    checkpoint and sample grid when one is due (rank 0), and calls `report`."""
+
+    def __init__(self, cfg: Config, spec: DataSpec, state: TrainState, report: Report, *, rank: int,
+                 device: torch.device) -> None:
+        self.cfg, self.spec, self.state, self.report, self.rank, self.device = cfg, spec, state, report, rank, device
+        self.window = _Window()
+        fixed = torch.Generator().manual_seed(cfg.train.seed + 12345)
+        self.z_fixed = torch.randn(cfg.train.sample_grid, unwrap(state.G).z_dim, generator=fixed)
+        self.y_fixed = (torch.arange(cfg.train.sample_grid) % spec.num_classes
+                        if cfg.model.conditional and spec.num_classes else None)
+        self.t_last, self.images_last = time.perf_counter(), state.images
+        # Where this process's time went since its first step (cumulative seconds, reported with every metric):
+        # steps (data included), saving checkpoints and sample grids, and inside `report` (before this one).
+        self.started, self.spent = self.t_last, {"checkpoint": 0.0, "report": 0.0}
+
+    def _timed(self, kind: str, work: Callable[[], object]) -> None:
+        t = time.perf_counter()
+        try:
+            work()
+        finally:
+            self.spent[kind] += time.perf_counter() - t
+
+    def _save(self, directory: str) -> None:
+        state, cfg = self.state, self.cfg
+        save_state(state, directory, cfg, self.spec)
+        save_samples(state.G_ema if cfg.optim.ema else unwrap(state.G), self.z_fixed, self.y_fixed,
+                     Path(directory) / "samples.png", scale=self.spec.scale, centres=self.spec.centres,
+                     title=f"{cfg.name} @ {state.kimg:.1f} kimg")
+
+    def _metrics(self) -> dict[str, float]:
+        state = self.state
+        metrics = self.window.flush()
+        now = time.perf_counter()
+        metrics["time/steps_s"] = now - self.started - self.spent["checkpoint"] - self.spent["report"]
+        # Wall time since the previous emit, so time blocked inside report (Ray's) counts against img/s.
+        metrics["perf/img_per_s"] = (state.images - self.images_last) / max(now - self.t_last, 1e-9)
+        self.t_last, self.images_last = now, state.images
+        metrics["progress/kimg"] = state.kimg
+        metrics["optim/lr_g"] = state.opt_g.param_groups[0]["lr"]
+        metrics["optim/lr_d"] = state.opt_d.param_groups[0]["lr"]
+        metrics["progress/epoch"] = float(state.epoch)
+        return metrics
+
+    def emit(self, with_checkpoint: bool) -> None:
+        metrics = self._metrics()
+        tmp = tempfile.mkdtemp(prefix="gan-ckpt-") if with_checkpoint and self.rank == 0 else None
+        try:
+            if tmp is not None:
+                self._timed("checkpoint", lambda: self._save(tmp))
+            metrics["time/checkpoint_s"], metrics["time/report_s"] = self.spent["checkpoint"], self.spent["report"]
+            with _rng_kept(self.device):
+                self._timed("report", lambda: self.report(metrics, tmp))
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _precision(device: torch.device, autocast_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=autocast_dtype)
+
+
+def _train_on(state: TrainState, cfg: Config, real: Tensor, y: Tensor | None, *, world_size: int,
+              precision: Callable[[], contextlib.AbstractContextManager]) -> list[tuple[str, StepStats]]:
+    """One D step, and the G step (with the EMA update) when one is due; counts the images shown."""
+    G, D = state.G, state.D
+    z = torch.randn(real.shape[0], unwrap(G).z_dim, device=real.device)
+    g_follows = (state.d_steps + 1) % cfg.loss.n_critic == 0
+    with precision():
+        # When a G step follows, one G forward serves both steps (G is unchanged by the D step).
+        fake = G(z, y) if g_follows else None
+        stats = [("d", d_step(G, D, state.opt_d, real, y, z, cfg.loss, fake=fake))]
+    state.d_steps += 1
+    state.batch_in_epoch += 1
+    state.images += real.shape[0] * world_size
+    if g_follows:
+        with precision():
+            g = g_step(G, D, state.opt_g, z, y, cfg.loss, fake=fake)
+        stats.append(("g", g))
+        if g.finite:
+            state.g_steps += 1
+            if cfg.optim.ema:
+                # Ramp the decay up so G_ema tracks G from the start instead of the random init.
+                decay = min(cfg.optim.ema_decay, (1 + state.g_steps) / (10 + state.g_steps))
+                ema_update(state.G_ema, unwrap(G), decay)
+    return stats
+
+
+def _nonfinite_streak(streak: int, stats: list[tuple[str, StepStats]], state: TrainState, cfg: Config) -> int:
+    """The count of non-finite steps in a row after this one; raises once it reaches train.nonfinite_patience."""
+    streak = 0 if all(s.finite for _, s in stats) else streak + 1
+    if streak >= cfg.train.nonfinite_patience:
+        raise NonFiniteLossError(
+            f"non-finite loss or gradient in {streak} steps in a row at {state.kimg:.3f} kimg "
+            f"(train.nonfinite_patience={cfg.train.nonfinite_patience}); try lower optim.lr_g / "
+            f"optim.lr_d or another loss.kind")
+    return streak
+
+
 def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume: str | Path | None = None,
         wrap: Callable[[nn.Module], nn.Module] | None = None, device: torch.device | str = "cpu",
         rank: int = 0, world_size: int = 1, autocast_dtype: torch.dtype | None = None) -> TrainState:
@@ -182,69 +284,17 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
     exponent range, so no gradient scaler is needed.
     """
     device = torch.device(device)
-
-    def precision() -> contextlib.AbstractContextManager:
-        if autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device.type, dtype=autocast_dtype)
-
     state = build_state(cfg, spec, device=device, wrap=wrap)
     if resume is not None:
         restore_state(state, resume, restore_rng=rank == 0)
     if resume is None or rank != 0:
         # Rank-specific latent streams; rank 0's is restored exactly on resume.
         torch.manual_seed(cfg.train.seed * 100_003 + rank * 7919 + state.images + 1)
-    G, D = state.G, state.D
-    z_dim = unwrap(G).z_dim
-    fixed = torch.Generator().manual_seed(cfg.train.seed + 12345)
-    z_fixed = torch.randn(cfg.train.sample_grid, z_dim, generator=fixed)
-    y_fixed = (torch.arange(cfg.train.sample_grid) % spec.num_classes
-               if cfg.model.conditional and spec.num_classes else None)
-
+    reporter = _Reporter(cfg, spec, state, report, rank=rank, device=device)
     target = math.ceil(cfg.train.kimg * 1000)
     next_log = _next_multiple(state.images, cfg.train.log_every_kimg)
     next_ckpt = _next_multiple(state.images, cfg.train.checkpoint_every_kimg)
-    window, streak = _Window(), 0
-    t_last, images_last = time.perf_counter(), state.images
-    # Where this process's time went since its first step (cumulative seconds, reported with every metric):
-    # steps (data included), saving checkpoints and sample grids, and inside `report` (before this one).
-    started, spent = t_last, {"checkpoint": 0.0, "report": 0.0}
-
-    def timed(kind: str, work: Callable[[], object]) -> None:
-        t = time.perf_counter()
-        try:
-            work()
-        finally:
-            spent[kind] += time.perf_counter() - t
-
-    def save_checkpoint_and_grid(directory: str) -> None:
-        save_state(state, directory, cfg, spec)
-        save_samples(state.G_ema if cfg.optim.ema else unwrap(G), z_fixed, y_fixed, Path(directory) / "samples.png",
-                     scale=spec.scale, centres=spec.centres, title=f"{cfg.name} @ {state.kimg:.1f} kimg")
-
-    def emit(with_checkpoint: bool) -> None:
-        nonlocal t_last, images_last
-        metrics = window.flush()
-        now = time.perf_counter()
-        metrics["time/steps_s"] = now - started - spent["checkpoint"] - spent["report"]
-        # Wall time since the previous emit, so time blocked inside report (Ray's) counts against img/s.
-        metrics["perf/img_per_s"] = (state.images - images_last) / max(now - t_last, 1e-9)
-        t_last, images_last = now, state.images
-        metrics["progress/kimg"] = state.kimg
-        metrics["optim/lr_g"] = state.opt_g.param_groups[0]["lr"]
-        metrics["optim/lr_d"] = state.opt_d.param_groups[0]["lr"]
-        metrics["progress/epoch"] = float(state.epoch)
-        tmp = tempfile.mkdtemp(prefix="gan-ckpt-") if with_checkpoint and rank == 0 else None
-        try:
-            if tmp is not None:
-                timed("checkpoint", lambda: save_checkpoint_and_grid(tmp))
-            metrics["time/checkpoint_s"], metrics["time/report_s"] = spent["checkpoint"], spent["report"]
-            with _rng_kept(device):
-                timed("report", lambda: report(metrics, tmp))
-        finally:
-            if tmp is not None:
-                shutil.rmtree(tmp, ignore_errors=True)
-
+    streak = 0
     while state.images < target:
         got_batch = False
         for index, (real, y) in enumerate(batches(state.epoch)):
@@ -254,37 +304,15 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
             _set_lrs(state, cfg.optim, lr_factor(cfg.optim, state.images / target))
             real = real.to(device, non_blocking=True)
             y = None if y is None else y.to(device, non_blocking=True)
-            z = torch.randn(real.shape[0], z_dim, device=device)
-            g_follows = (state.d_steps + 1) % cfg.loss.n_critic == 0
-            with precision():
-                # When a G step follows, one G forward serves both steps (G is unchanged by the D step).
-                fake = G(z, y) if g_follows else None
-                stats = [("d", d_step(G, D, state.opt_d, real, y, z, cfg.loss, fake=fake))]
-            state.d_steps += 1
-            state.batch_in_epoch += 1
-            state.images += real.shape[0] * world_size
-            if g_follows:
-                with precision():
-                    g = g_step(G, D, state.opt_g, z, y, cfg.loss, fake=fake)
-                stats.append(("g", g))
-                if g.finite:
-                    state.g_steps += 1
-                    if cfg.optim.ema:
-                        # Ramp the decay up so G_ema tracks G from the start instead of the random init.
-                        decay = min(cfg.optim.ema_decay, (1 + state.g_steps) / (10 + state.g_steps))
-                        ema_update(state.G_ema, unwrap(G), decay)
+            stats = _train_on(state, cfg, real, y, world_size=world_size,
+                              precision=lambda: _precision(device, autocast_dtype))
             for who, s in stats:
-                window.add_step(who, s)
-            streak = 0 if all(s.finite for _, s in stats) else streak + 1
-            if streak >= cfg.train.nonfinite_patience:
-                raise NonFiniteLossError(
-                    f"non-finite loss or gradient in {streak} steps in a row at {state.kimg:.3f} kimg "
-                    f"(train.nonfinite_patience={cfg.train.nonfinite_patience}); try lower optim.lr_g / "
-                    f"optim.lr_d or another loss.kind")
+                reporter.window.add_step(who, s)
+            streak = _nonfinite_streak(streak, stats, state, cfg)
             done = state.images >= target
             due_ckpt = state.images >= next_ckpt or done
             if state.images >= next_log or due_ckpt:
-                emit(with_checkpoint=due_ckpt)
+                reporter.emit(with_checkpoint=due_ckpt)
                 next_log = _next_multiple(state.images, cfg.train.log_every_kimg)
                 next_ckpt = _next_multiple(state.images, cfg.train.checkpoint_every_kimg)
             if done:

@@ -24,9 +24,9 @@ from gan.config import Config, ConfigError
 from gan.config_loader import apply_overrides, flatten, from_dict, to_dict
 from gan.data import load_manifest, read_split
 from gan.loop import NonFiniteLossError
-from gan.metrics.in_training import score_key
+from gan.metrics.in_training import best_scored, score_key
 from gan.tune_space import PBT_MUTABLE, SPEC_KINDS, applies
-from pipelines import ray_compat, ray_train
+from pipelines import ray_compat, ray_train, ray_train_worker
 from pipelines.tracking import Tracker
 from pipelines.tune_output import TrialProgress, ray_output_wanted, search_output
 from pipelines.tune_trial import PHASES, TrialClock, train_in_trial, trains_in_trial, trial_start
@@ -148,7 +148,7 @@ def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     run_id = _trial_run(tracker, setup, trial_id, cfg)
     checkpoint = rt.get_checkpoint()
     _log_start(tracker, run_id, cfg, search_cfg.name, checkpoint, setup["search"])
-    tracking = ray_train.Tracking(setup["tracking_uri"], run_id)
+    tracking = ray_train_worker.Tracking(setup["tracking_uri"], run_id)
     try:
         # When Tune stops the trial (SystemExit out of tune.report), its run stays RUNNING: it may go on.
         with tracker.ending(run_id, failed=(Exception,)):
@@ -231,7 +231,7 @@ def _tuner(cfg: Config, trainable: Any, metric: str, experiment: str, concurrent
 
 
 def tune(cfg: Config, dataset_dir: str | Path, *, evaluator_dir: str | Path | None, storage_path: str | Path,
-         tracking: ray_train.Tracking, run_name: str | None = None,
+         tracking: ray_train_worker.Tracking, run_name: str | None = None,
          ) -> TuneOutcome:
     """Runs the search of `cfg.tune` on the connected Ray cluster and returns its best trial's best checkpoint.
 
@@ -294,7 +294,7 @@ def _outcome(cfg: Config, grid: Any, metric: str, tracker: Tracker, setup: dict[
         trial_id = Path(result.path).name
         run = _find_trial_run(tracker, setup["experiment_id"], setup["search"], trial_id)
         run_id = run.info.run_id if run else None
-        top = ray_train.best_scored(result.best_checkpoints, metric)
+        top = best_scored(result.best_checkpoints or [], metric)
         kimg = _kimg_spent(result)
         if result.error is not None:
             status = "diverged" if "NonFiniteLossError" in str(result.error) else "error"

@@ -16,8 +16,9 @@ import pipelines
 from gan.config import Config
 from gan.data import Manifest, keep_labels, load_manifest
 from gan.data.batches import epoch_seed, shuffled
+from gan.device import prepare_process
 from gan.loop import DataSpec, fit
-from pipelines import ray_train
+from pipelines import ray_train_worker
 
 Send = Callable[[dict[str, Any], "str | None"], None]
 """(metrics, checkpoint folder or None) -> None: hands a report to Tune (raises SystemExit when Tune stops the
@@ -83,21 +84,21 @@ def trains_in_trial(cfg: Config, manifest: Manifest) -> bool:
 
 
 def train_in_trial(cfg: Config, split: tuple[np.ndarray, np.ndarray | None], *, dataset_dir: str,
-                   evaluator_dir: str | None, tracking: ray_train.Tracking, resume: Any, send: Send,
+                   evaluator_dir: str | None, tracking: ray_train_worker.Tracking, resume: Any, send: Send,
                    clock: TrialClock) -> None:
     """Trains one trial's config on `split` (the training split's x and y) in this process, on its GPU when
     scale.use_gpu, scoring, logging and checkpointing like a Ray Train worker of rank 0; `resume` is Tune's
     checkpoint (the trial's own, or after a PBT exploit a better trial's) or None."""
     manifest = load_manifest(dataset_dir)
     device = torch.device("cuda" if cfg.scale.use_gpu else "cpu")
-    autocast_dtype = ray_train.precision_for(cfg, device)
+    autocast_dtype = prepare_process(cfg, device)
     x, y = split
     if cfg.model.semi_supervised:
         y = keep_labels(y, cfg.model.labels, cfg.train.seed)
     scores = None
     if cfg.train.scores:
-        scores = ray_train.InTrainingScores(cfg, 0, 1, dataset_dir, evaluator_dir)
-    report = ray_train.WorkerReport(0, tracking, scores, send=send, progress=False)
+        scores = ray_train_worker.InTrainingScores(cfg, 0, 1, dataset_dir, evaluator_dir)
+    report = ray_train_worker.WorkerReport(0, tracking, scores, send=send, progress=False)
 
     def timed_report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
         clock.report_arrived(metrics)
@@ -106,12 +107,12 @@ def train_in_trial(cfg: Config, split: tuple[np.ndarray, np.ndarray | None], *, 
         finally:
             clock.report_done(report.last)
 
-    batches = ray_train.model_batches(
+    batches = ray_train_worker.model_batches(
         lambda e: shuffled(x, y, cfg.train.batch_size, epoch_seed(cfg.train.seed, e, 0)), manifest.scale)
-    resume_dir = ray_train.local_resume(resume, cfg) if resume is not None else None
+    resume_dir = ray_train_worker.local_resume(resume, cfg) if resume is not None else None
     try:
         fit(cfg, batches, spec=DataSpec.from_manifest(manifest), report=timed_report, resume=resume_dir,
-            wrap=ray_train.model_wrapper(cfg, device, data_parallel=False), device=device,
+            wrap=ray_train_worker.model_wrapper(cfg, device, data_parallel=False), device=device,
             autocast_dtype=autocast_dtype)
         report.finish()
     finally:

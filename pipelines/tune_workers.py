@@ -15,11 +15,11 @@ from ray.util.queue import Empty, Queue
 from gan import storage
 from gan.config import Config
 from gan.metrics.in_training import UNSCORED
-from pipelines import ray_compat, ray_train
+from pipelines import ray_compat, ray_train, ray_train_worker
 from pipelines.tune_trial import TrialClock
 
 
-def train_on_workers(cfg: Config, setup: dict[str, Any], trial_id: str, tracking: ray_train.Tracking,
+def train_on_workers(cfg: Config, setup: dict[str, Any], trial_id: str, tracking: ray_train_worker.Tracking,
                       checkpoint: Any, clock: TrialClock) -> None:
     """A multi-worker trial: a TorchTrainer beside this thread, which turns its scored reports into Tune results.
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -16,6 +17,7 @@ from gan.metrics.modes import mode_stats
 from gan.rendering import generate
 from gan.scoring import generators_from_checkpoint, primary_generator
 
+T = TypeVar("T")
 UNSCORED = "train/unscored"
 """Set to 1 on a checkpoint reported between scores, whose score key then holds +inf: a checkpoint manager that
 ranks by the score (lower is better) must see it as the worst, never as the best."""
@@ -24,6 +26,13 @@ ranks by the score (lower is better) must see it as the worst, never as the best
 def score_key(cfg: Config) -> str:
     """The metric an in-training score reports and a search minimises by default."""
     return "train/mode_gap" if cfg.data.is_points else f"train/fid_{count_tag(cfg.train.fid_samples)}"
+
+
+def best_scored(checkpoints: list[tuple[T, dict[str, float]]], key: str) -> tuple[T, dict[str, float]] | None:
+    """The (checkpoint, metrics) with the lowest finite `key`, None when none has one: an unscored checkpoint
+    carries +inf, a diverged score NaN or inf, and neither may win."""
+    scored = [(c, m) for c, m in checkpoints if math.isfinite(m.get(key, math.nan))]
+    return min(scored, key=lambda cm: cm[1][key]) if scored else None
 
 
 class ScoreSchedule:

@@ -11,7 +11,7 @@ import ray
 
 from gan.checkpoint import read_checkpoint
 from gan.config_loader import load_config
-from pipelines import ray_train, ray_tune
+from pipelines import ray_train, ray_train_worker, ray_tune
 from pipelines.stages import Context, evaluator_stage, prepare_stage
 from pipelines.tracking import Tracker
 from pipelines.tune_trial import PHASES
@@ -52,7 +52,7 @@ def test_in_training_fid_picks_the_best_checkpoint_not_the_last(ray_session, sta
                      "scale.num_workers=2")
     run_id = ctx.tracker.start_run("tests", "train")
     out = ray_train.train(cfg, dataset_dir, storage_path=tmp_path / "ray", evaluator_dir=evaluator_dir,
-                          tracking=ray_train.Tracking(ctx.tracker.tracking_uri, run_id))
+                          tracking=ray_train_worker.Tracking(ctx.tracker.tracking_uri, run_id))
     history = {m.step: m.value for m in ctx.tracker.metric_history(run_id, FID)}
     assert sorted(history) == [512, 1024, 1504], "scored at every 0.5 kimg checkpoint and at the end"
     best_step = min(history, key=history.get)
@@ -69,7 +69,7 @@ def test_checkpoints_between_scores_never_rank_best(ray_session, stage_context, 
                      "train.keep_checkpoints=1")
     run_id = ctx.tracker.start_run("tests", "train")
     out = ray_train.train(cfg, dataset_dir, storage_path=tmp_path / "ray", evaluator_dir=evaluator_dir,
-                          tracking=ray_train.Tracking(ctx.tracker.tracking_uri, run_id))
+                          tracking=ray_train_worker.Tracking(ctx.tracker.tracking_uri, run_id))
     history = {m.step: m.value for m in ctx.tracker.metric_history(run_id, FID)}
     steps = sorted(history)
     assert steps[:2] == [512, 1024] and len(steps) == 3 and steps[2] >= 2000, "scored at the first checkpoint, " \
@@ -108,7 +108,7 @@ def test_asha_search_stops_weak_trials_and_survives_a_diverging_one(ray_session,
                      " optim.lr_g: {loguniform: [1e-4, 1e-2]}, model.hidden: {choice: [[16], [32]]}}")
     stage = ctx.tracker.start_run("tests", "train")
     out = ray_tune.tune(cfg, dataset_dir, evaluator_dir=evaluator_dir, storage_path=tmp_path / "ray",
-                        tracking=ray_train.Tracking(ctx.tracker.tracking_uri, stage))
+                        tracking=ray_train_worker.Tracking(ctx.tracker.tracking_uri, stage))
     trials = {t["trial_id"]: t for t in out.trials}
     assert len(trials) == 4
     statuses = sorted(t["status"] for t in trials.values())
@@ -169,7 +169,7 @@ def test_pbt_exploits_a_better_trials_checkpoint_and_logs_new_learning_rates(ray
                      "tune.space={optim.lr_g: {loguniform: [1e-4, 1e-2]}, optim.lr_d: {loguniform: [1e-4, 1e-2]}}")
     stage = ctx.tracker.start_run("tests", "train")
     out = ray_tune.tune(cfg, dataset_dir, evaluator_dir=evaluator_dir, storage_path=tmp_path / "ray",
-                        tracking=ray_train.Tracking(ctx.tracker.tracking_uri, stage))
+                        tracking=ray_train_worker.Tracking(ctx.tracker.tracking_uri, stage))
     runs = {r.data.tags["trial_id"]: r for r in child_runs(ctx, stage)}
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs.values())
     exploited = {t: r for t, r in runs.items() if "pbt.exploited_from" in r.data.tags}
@@ -192,7 +192,7 @@ def test_an_interrupted_search_resumes_without_duplicating_finished_trials(ray_s
     cfg = digits_cfg(tmp_path, "name=digits-resume", "train.kimg=1", "tune.scheduler=fifo", "tune.num_samples=3",
                      "scale.num_workers=2", "tune.space={optim.lr_g: {loguniform: [1e-4, 1e-2]}}")
     stage = ctx.tracker.start_run("tests", "train")
-    tracking = ray_train.Tracking(ctx.tracker.tracking_uri, stage)
+    tracking = ray_train_worker.Tracking(ctx.tracker.tracking_uri, stage)
     interrupt = interrupt_after_finished_trials(ctx.tracker, "tests", stage, count=1)
     try:
         with pytest.raises(ray_tune.SearchInterrupted, match="run it again"):

@@ -21,7 +21,7 @@ from gan.loop import DataSpec, fit
 from gan.metrics import in_training, save_evaluator, train_evaluator
 from gan.metrics.in_training import CheckpointScorer, ScoreSchedule
 from pipelines import tune_trial
-from pipelines.ray_train import model_batches
+from pipelines.ray_train_worker import model_batches
 from pipelines.ray_tune import max_concurrent_trials, trial_config, trial_resources
 from pipelines.tracking import with_retries
 from pipelines.tune_output import ray_output_wanted, search_output
