@@ -218,6 +218,14 @@ class TrainConfig:
     checkpoint. With it on, the run's result is its best-scoring checkpoint, not its last."""
     fid_samples: int = 2000
     """Generated samples per in-training score (at least 2,000: fewer gives a biased, noisy FID)."""
+    patience_evals: int = 0
+    """End the run once its in-training score has not improved for this many scores in a row (0: off); its result
+    stays the best-scoring checkpoint. Needs train.fid_every_kimg."""
+    collapse_class_share: float = 0.5
+    """Collapse alarm (images): a tag `collapse` on the run and a progress line when the evaluator puts at least this
+    share of the scored samples in one class, or the scored samples' recall falls below half its best (0: off)."""
+    stop_on_collapse: bool = False
+    """End the run at the collapse alarm (its result stays the best-scoring checkpoint)."""
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1", self.batch_size)
@@ -230,6 +238,11 @@ class TrainConfig:
                self.nonfinite_patience)
         _check(self.sample_grid >= 1, "train.sample_grid", "must be >= 1", self.sample_grid)
         _check(self.fid_every_kimg >= 0, "train.fid_every_kimg", "must be >= 0", self.fid_every_kimg)
+        _check(self.patience_evals >= 0, "train.patience_evals", "must be >= 0", self.patience_evals)
+        _check(self.patience_evals == 0 or self.fid_every_kimg > 0, "train.patience_evals",
+               "needs train.fid_every_kimg > 0 (it counts in-training scores)", self.patience_evals)
+        _check(0 <= self.collapse_class_share <= 1, "train.collapse_class_share", "must be in [0, 1]",
+               self.collapse_class_share)
         if self.fid_every_kimg > 0:
             _check(self.fid_samples >= 2000, "train.fid_samples", "must be >= 2000", self.fid_samples)
             every, ckpt = round(self.fid_every_kimg * 1000), round(self.checkpoint_every_kimg * 1000)
@@ -292,9 +305,13 @@ class ScaleConfig:
 @dataclass(frozen=True, kw_only=True)
 class RegisterConfig:
     model_name: str = ""
-    """Registered model name; empty means gan-<data.source>."""
+    """Registered model name; empty means gan-<data.source>-<resolution>px (gan-<data.source> for 2-D data). A name
+    holds one data shape: registering another shape under it is refused."""
     max_fid: float = 0.0
-    """Refuse to register a model whose FID exceeds this (0 disables the gate)."""
+    """Refuse to register a model whose score (FID; the mode gap for 2-D data) exceeds this (0 disables the gate)."""
+    auto_champion: bool = True
+    """Move the `champion` alias to a better version at registration. False leaves it where a person put it (so
+    does the tag pinned=true on the champion version); the first version still becomes champion."""
 
     def __post_init__(self) -> None:
         _check(self.max_fid >= 0, "register.max_fid", "must be >= 0", self.max_fid)

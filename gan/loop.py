@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -26,15 +27,26 @@ from gan.models import build_models
 from gan.rendering import save_samples
 from gan.step import StepStats, d_step, ema_update, g_step
 
+T = TypeVar("T")
 Batch = tuple[Tensor, Tensor | None]
 Batches = Callable[[int], Iterable[Batch]]
 """epoch -> that epoch's local batches (x in the model range, labels or None), the same every call."""
-Report = Callable[[dict[str, float], str | None], None]
-"""(metrics, checkpoint folder or None) -> None; the folder is deleted once report returns."""
+Report = Callable[[dict[str, float], str | None], bool | None]
+"""(metrics, checkpoint folder or None) -> True to end training here (e.g. the score stopped improving), else None;
+the folder is deleted once report returns. Under data parallelism every rank must return the same."""
 
 
 class NonFiniteLossError(RuntimeError):
     """Training produced non-finite losses or gradients for `train.nonfinite_patience` steps in a row."""
+
+    def __init__(self, kimg: float, patience: int):
+        super().__init__(f"non-finite loss or gradient in {patience} steps in a row at {kimg:.3f} kimg "
+                         f"(train.nonfinite_patience={patience}); try lower optim.lr_g / optim.lr_d or another "
+                         f"loss.kind")
+        self.kimg, self.patience = kimg, patience
+
+    def __reduce__(self):  # pickled across Ray processes with its arguments
+        return type(self), (self.kimg, self.patience)
 
 
 @dataclass(frozen=True)
@@ -190,10 +202,10 @@ class _Reporter:
         # steps (data included), saving checkpoints and sample grids, and inside `report` (before this one).
         self.started, self.spent = self.t_last, {"checkpoint": 0.0, "report": 0.0}
 
-    def _timed(self, kind: str, work: Callable[[], object]) -> None:
+    def _timed(self, kind: str, work: Callable[[], T]) -> T:
         t = time.perf_counter()
         try:
-            work()
+            return work()
         finally:
             self.spent[kind] += time.perf_counter() - t
 
@@ -218,7 +230,8 @@ class _Reporter:
         metrics["progress/epoch"] = float(state.epoch)
         return metrics
 
-    def emit(self, with_checkpoint: bool) -> None:
+    def emit(self, with_checkpoint: bool) -> bool:
+        """Reports; True when `report` asks to end training."""
         metrics = self._metrics()
         tmp = tempfile.mkdtemp(prefix="gan-ckpt-") if with_checkpoint and self.rank == 0 else None
         try:
@@ -226,10 +239,11 @@ class _Reporter:
                 self._timed("checkpoint", lambda: self._save(tmp))
             metrics["time/checkpoint_s"], metrics["time/report_s"] = self.spent["checkpoint"], self.spent["report"]
             with _rng_kept(self.device):
-                self._timed("report", lambda: self.report(metrics, tmp))
+                stop = self._timed("report", lambda: self.report(metrics, tmp))
         finally:
             if tmp is not None:
                 shutil.rmtree(tmp, ignore_errors=True)
+        return bool(stop)
 
 
 def _precision(device: torch.device, autocast_dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -268,17 +282,15 @@ def _nonfinite_streak(streak: int, stats: list[tuple[str, StepStats]], state: Tr
     """The count of non-finite steps in a row after this one; raises once it reaches train.nonfinite_patience."""
     streak = 0 if all(s.finite for _, s in stats) else streak + 1
     if streak >= cfg.train.nonfinite_patience:
-        raise NonFiniteLossError(
-            f"non-finite loss or gradient in {streak} steps in a row at {state.kimg:.3f} kimg "
-            f"(train.nonfinite_patience={cfg.train.nonfinite_patience}); try lower optim.lr_g / "
-            f"optim.lr_d or another loss.kind")
+        raise NonFiniteLossError(state.kimg, cfg.train.nonfinite_patience)
     return streak
 
 
 def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume: str | Path | None = None,
         wrap: Callable[[nn.Module], nn.Module] | None = None, device: torch.device | str = "cpu",
         rank: int = 0, world_size: int = 1, autocast_dtype: torch.dtype | None = None) -> TrainState:
-    """Trains until `train.kimg` thousand real images (all workers together) have been shown to D.
+    """Trains until `train.kimg` thousand real images (all workers together) have been shown to D, or `report`
+    returns True.
 
     `autocast_dtype` (e.g. torch.bfloat16 on CUDA) runs the steps under mixed precision; bf16 keeps fp32's
     exponent range, so no gradient scaler is needed.
@@ -294,8 +306,8 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
     target = math.ceil(cfg.train.kimg * 1000)
     next_log = _next_multiple(state.images, cfg.train.log_every_kimg)
     next_ckpt = _next_multiple(state.images, cfg.train.checkpoint_every_kimg)
-    streak = 0
-    while state.images < target:
+    streak, stopped = 0, False
+    while state.images < target and not stopped:
         got_batch = False
         for index, (real, y) in enumerate(batches(state.epoch)):
             if index < state.batch_in_epoch:
@@ -312,10 +324,10 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
             done = state.images >= target
             due_ckpt = state.images >= next_ckpt or done
             if state.images >= next_log or due_ckpt:
-                reporter.emit(with_checkpoint=due_ckpt)
+                stopped = reporter.emit(with_checkpoint=due_ckpt)
                 next_log = _next_multiple(state.images, cfg.train.log_every_kimg)
                 next_ckpt = _next_multiple(state.images, cfg.train.checkpoint_every_kimg)
-            if done:
+            if done or stopped:
                 break
         else:
             if not got_batch and state.batch_in_epoch == 0:

@@ -15,7 +15,7 @@ from gan.config_loader import from_dict
 from gan.data.sources import MODE_SIGMA, mode_centres
 from gan.data.transforms import to_points
 from gan.metrics.image_metrics import evaluate_images, latent_sampler
-from gan.metrics.modes import mode_stats
+from gan.metrics.modes import ModeStats, mode_stats
 from gan.models import build_models
 from gan.rendering import generate, save_image_grid, save_scatter
 
@@ -61,11 +61,16 @@ def score_images(G: nn.Module, cfg: Config, num_classes: int, real_uint8: np.nda
     return {prefix + k.removeprefix("eval/"): v for k, v in metrics.items()}
 
 
-def score_points(G: nn.Module, cfg: Config, scale: float, prefix: str = "eval/") -> tuple[dict[str, float], np.ndarray]:
-    """Modes covered, high-quality share and reverse KL over 2,500 samples, and the samples themselves."""
-    z = torch.randn(POINT_SAMPLES, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.eval.seed))
+def point_stats(G: nn.Module, cfg: Config, scale: float, n: int) -> tuple[ModeStats, np.ndarray]:
+    """The mode statistics of `n` samples from latents seeded by `eval.seed`, and the samples (data units)."""
+    z = torch.randn(n, cfg.model.z_dim, generator=torch.Generator().manual_seed(cfg.eval.seed))
     points = to_points(generate(G, z), scale).numpy()
-    stats = mode_stats(points, mode_centres(cfg.data.source), MODE_SIGMA[cfg.data.source])
+    return mode_stats(points, mode_centres(cfg.data.source), MODE_SIGMA[cfg.data.source]), points
+
+
+def score_points(G: nn.Module, cfg: Config, scale: float, prefix: str = "eval/") -> tuple[dict[str, float], np.ndarray]:
+    """Modes covered, high-quality share, reverse KL and the mode gap over 2,500 samples, and the samples."""
+    stats, points = point_stats(G, cfg, scale, POINT_SAMPLES)
     return stats.as_metrics(prefix), points
 
 

@@ -22,11 +22,11 @@ def _parser() -> argparse.ArgumentParser:
                       "local folder of temporary files and of the SQLite MLflow store (when MLFLOW_TRACKING_URI is "
                       "unset)")
     evaluate = sub.add_parser("evaluate", help="score a registered generator on a config's data and evaluator")
-    evaluate.add_argument("--model", required=True, help="model URI, e.g. models:/gan-mnist@champion")
+    evaluate.add_argument("--model", required=True, help="model URI, e.g. models:/gan-mnist-28px@champion")
     _config_arguments(evaluate, "the YAML preset whose data and eval settings to use",
                       "local folder of the SQLite MLflow store (when MLFLOW_TRACKING_URI is unset)")
     sample = sub.add_parser("sample", help="draw images from a registered generator into a PNG grid")
-    sample.add_argument("--model", required=True, help="model URI, e.g. models:/gan-mnist@champion")
+    sample.add_argument("--model", required=True, help="model URI, e.g. models:/gan-mnist-28px@champion")
     sample.add_argument("-n", "--num", type=int, default=64, help="how many images (default 64)")
     sample.add_argument("--out", required=True, help="PNG file to write")
     sample.add_argument("--npy", action="store_true", help="also write the images as OUT.npy (uint8, N x C x H x W)")

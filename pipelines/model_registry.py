@@ -1,4 +1,5 @@
-"""Registering generators: the quality gate, version tags, and the `champion` alias by FID under one evaluator."""
+"""Registering generators: the registered name and its data shape, the quality gate, version tags, and the
+`champion` alias, elected only among versions scored alike (one evaluator, one metric at one sample count)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,9 @@ from pipelines.tracking import Tracker
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+PINNED = "pinned"
+"""A version tag: `pinned=true` on the champion (set by a person, e.g. in the MLflow UI) keeps the alias there."""
+RESCORED = "rescored"
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -22,20 +26,53 @@ class GateError(RuntimeError):
     """The model fails `register.max_fid`; nothing is registered."""
 
 
+class ShapeError(RuntimeError):
+    """The registered name holds generators of another data shape; nothing is registered."""
+
+
 def model_name(cfg: Config) -> str:
-    """`register.model_name`, else gan-<data.source>."""
-    return cfg.register.model_name or f"gan-{cfg.data.source}"
+    """`register.model_name`, else gan-<data.source>, with the image side for images (gan-digits-28px): generators
+    of different data shapes are different models."""
+    if cfg.register.model_name:
+        return cfg.register.model_name
+    return f"gan-{cfg.data.source}" if cfg.data.is_points else f"gan-{cfg.data.source}-{cfg.data.resolution}px"
+
+
+def shape_tag(data_shape: list[int] | tuple[int, ...]) -> str:
+    """A data shape as a version tag: 1x28x28, 2."""
+    return "x".join(str(int(d)) for d in data_shape)
+
+
+def check_shape(versions: list[Any], name: str, data_shape: str) -> None:
+    """Raises ShapeError when a version of `name` holds another data shape (the tag `data_shape`)."""
+    other = sorted({v.tags["data_shape"] for v in versions if v.tags.get("data_shape", data_shape) != data_shape})
+    if other:
+        raise ShapeError(f"not registered: {name} holds generators of data shape {', '.join(other)}, this one is "
+                         f"{data_shape}; register it under another name (register.model_name)")
 
 
 def score_of(metrics: dict[str, float]) -> tuple[str, float]:
-    """The lower-is-better number that ranks versions: the registered generator's FID for images (`eval/fid_<n>`),
-    the reverse KL over the modes for 2-D data."""
+    """The lower-is-better number that ranks versions: the registered generator's FID for images (`eval/fid_<n>`,
+    its sample count in the name), the mode gap for 2-D data (quality and balance over the modes together)."""
     fid = sorted(k for k in metrics if re.fullmatch(r"eval/fid_\d+k?", k))
     if fid:
         return fid[0], metrics[fid[0]]
-    if "eval/reverse_kl" in metrics:
-        return "eval/reverse_kl", metrics["eval/reverse_kl"]
-    raise KeyError(f"no eval/fid_<n> or eval/reverse_kl among the evaluation metrics {sorted(metrics)}")
+    if "eval/mode_gap" in metrics:
+        return "eval/mode_gap", metrics["eval/mode_gap"]
+    raise KeyError(f"no eval/fid_<n> or eval/mode_gap among the evaluation metrics {sorted(metrics)}")
+
+
+def rescored_tag(evaluator_id: str, metric: str) -> str:
+    """The version tag holding a version's score re-computed under another evaluator or protocol."""
+    return f"{RESCORED}/{evaluator_id}/{metric}"
+
+
+def score_under(tags: dict[str, str], evaluator_id: str, metric: str) -> float | None:
+    """A version's score under `evaluator_id` and `metric` (its own, or a re-score), None when it has none."""
+    if tags.get("evaluator_id") == evaluator_id and tags.get("score_metric") == metric and "score" in tags:
+        return float(tags["score"])
+    rescored = tags.get(rescored_tag(evaluator_id, metric))
+    return float(rescored) if rescored is not None else None
 
 
 def check_gate(cfg: Config, metrics: dict[str, float]) -> None:
@@ -53,7 +90,7 @@ def version_tags(metrics: dict[str, float], **lineage: str) -> dict[str, str]:
         found = [k for k in metrics if re.fullmatch(rf"eval/{name}_\d+k?", k)]
         if found:
             tags[name] = repr(metrics[found[0]])
-    for name in ("modes_covered", "high_quality", "reverse_kl"):
+    for name in ("modes_covered", "high_quality", "reverse_kl", "mode_gap"):
         if f"eval/{name}" in metrics:
             tags[name] = repr(metrics[f"eval/{name}"])
     return tags
@@ -74,16 +111,23 @@ def git_commit() -> str:
     return head + ("-dirty" if dirty else "")
 
 
-def _best(versions: list[Any], evaluator_id: str) -> str | None:
-    """The version with the lowest score among those scored by `evaluator_id`; the older one wins a tie."""
-    scored = [(float(v.tags["score"]), int(v.version)) for v in versions
-              if v.tags.get("evaluator_id") == evaluator_id and "score" in v.tags]
+def _best(versions: list[Any], evaluator_id: str, metric: str) -> str | None:
+    """The version with the lowest score under `evaluator_id` and `metric`; the older one wins a tie."""
+    scored = [(score, int(v.version)) for v in versions
+              if (score := score_under(v.tags, evaluator_id, metric)) is not None]
     return str(min(scored)[1]) if scored else None
 
 
-def elect_champion(tracker: Tracker, name: str, version: str, *, settle_rounds: int = 4) -> str:
-    """Points `champion` at the best version under the current champion's evaluator (the new version's when
-    there is no champion yet) and tags `version` challenger when it is not the one.
+def pinned(versions: list[Any], champion: str | None) -> bool:
+    """Whether the champion version carries `pinned=true`."""
+    return any(str(v.version) == champion and v.tags.get(PINNED, "").lower() == "true" for v in versions)
+
+
+def elect_champion(tracker: Tracker, name: str, version: str, *, auto: bool = True, settle_rounds: int = 4) -> str:
+    """Points `champion` at the best version scored like `version` (same evaluator, same metric and sample count)
+    and tags `version` challenger when it is not the one. Once there is a champion, the alias stays where it is
+    when the champion is pinned, `auto` is off (register.auto_champion), or the champion has no score under this
+    protocol: the register stage re-scores it first (a `rescored/...` tag) when the data shape allows.
 
     MLflow has no transactions, so concurrent pipelines could each read a stale champion. Every registrant
     recomputes the best over all versions and re-checks after a pause until the alias stops moving: whoever
@@ -92,10 +136,13 @@ def elect_champion(tracker: Tracker, name: str, version: str, *, settle_rounds: 
     for _ in range(settle_rounds):
         versions = tracker.model_versions(name)
         current = tracker.alias_version(name, CHAMPION)
-        by_version = {str(v.version): v for v in versions}
-        group = by_version[current].tags.get("evaluator_id") if current in by_version else \
-            by_version[version].tags.get("evaluator_id")
-        best = _best(versions, group) or version
+        tags = {str(v.version): v.tags for v in versions}
+        protocol = tags[version]["evaluator_id"], tags[version]["score_metric"]
+        if current is not None and (not auto or pinned(versions, current)
+                                    or score_under(tags.get(current, {}), *protocol) is None):
+            best = current  # kept by a person, or not comparable (the register stage re-scores it first)
+            break
+        best = _best(versions, *protocol) or version
         if best == current:
             break
         tracker.set_alias(name, CHAMPION, best)

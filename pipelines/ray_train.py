@@ -3,6 +3,7 @@ of a run (scaling, storage, checkpoint ranking, failures, the Ray Data split) an
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from gan import storage
 from gan.config import Config, ConfigError
 from gan.config_loader import to_dict
 from gan.data import keep_labels, load_manifest, shard_files
+from gan.loop import NonFiniteLossError
 from gan.metrics.in_training import best_scored, score_key
 from pipelines import ray_compat
 from pipelines.ray_train_worker import Tracking, train_loop_per_worker
@@ -108,11 +110,12 @@ def run_storage(storage_path: str | Path) -> dict[str, Any]:
 def build_trainer(cfg: Config, dataset_dir: str | Path, *, storage_path: str | Path, tracking: Tracking | None = None,
                   max_failures: int = 1, run_name: str | None = None, evaluator_dir: str | Path | None = None,
                   resume_from: str | None = None, callbacks: list[Any] | None = None, in_memory_data: bool = False,
-                  placement_group_file: str | None = None) -> TorchTrainer:
+                  placement_group_file: str | None = None, diverged_file: str | None = None) -> TorchTrainer:
     """The TorchTrainer of one run; with train.fid_every_kimg on, Ray keeps the best-scoring checkpoints.
     `storage_path` (a folder or a URI) holds the run's checkpoints and state. `in_memory_data`: see _train_dataset
     (for runs that share the cluster with other runs). `placement_group_file`: rank 0 writes its workers' placement
-    group id there (a location under the storage root), for a caller that may have to remove it."""
+    group id there (a location under the storage root), for a caller that may have to remove it. `diverged_file`:
+    where rank 0 records a NonFiniteLossError instead of raising it (see ray_train_worker.train_loop_per_worker)."""
     manifest = load_manifest(dataset_dir)
     if cfg.train.scores and not cfg.data.is_points and evaluator_dir is None:
         raise ConfigError(f"train.fid_every_kimg={cfg.train.fid_every_kimg:g} scores images with the evaluator: "
@@ -128,7 +131,8 @@ def build_trainer(cfg: Config, dataset_dir: str | Path, *, storage_path: str | P
         train_loop_config={"config": to_dict(cfg), "dataset_dir": storage.normalize(dataset_dir),
                            "tracking": tracking.__dict__ if tracking else None,
                            "evaluator_dir": storage.normalize(evaluator_dir) if evaluator_dir else None,
-                           "resume_from": resume_from, "placement_group_file": placement_group_file},
+                           "resume_from": resume_from, "placement_group_file": placement_group_file,
+                           "diverged_file": diverged_file},
         scaling_config=ScalingConfig(num_workers=cfg.scale.num_workers, use_gpu=cfg.scale.use_gpu,
                                      resources_per_worker=resources),
         run_config=RunConfig(name=run_name or cfg.name, **run_storage(storage_path),
@@ -161,6 +165,12 @@ def train(cfg: Config, dataset_dir: str | Path, *, storage_path: str | Path, tra
     `cfg.name`) and storage resumes from that run's latest checkpoint. With train.fid_every_kimg on, rank 0 scores
     checkpoints with the evaluator (`evaluator_dir`; 2-D data needs none) and the outcome is the best one."""
     check_resources(cfg, ray.cluster_resources().get("CPU", 0.0))
+    diverged = storage.join(storage_path, f"{run_name or cfg.name}.diverged.json")
+    if storage.exists(diverged):  # an earlier attempt's
+        storage.delete(diverged)
     trainer = build_trainer(cfg, dataset_dir, storage_path=storage_path, tracking=tracking, max_failures=max_failures,
-                            run_name=run_name, evaluator_dir=evaluator_dir)
-    return outcome(cfg, trainer.fit(), storage_path)
+                            run_name=run_name, evaluator_dir=evaluator_dir, diverged_file=diverged)
+    result = trainer.fit()
+    if storage.exists(diverged):
+        raise NonFiniteLossError(*json.loads(storage.read_bytes(diverged)))
+    return outcome(cfg, result, storage_path)

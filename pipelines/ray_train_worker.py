@@ -29,14 +29,16 @@ from gan.config_loader import from_dict
 from gan.data import decode, load_manifest, to_model_range
 from gan.data.batches import epoch_seed, shuffled
 from gan.device import device_layout, prepare_process
-from gan.loop import DataSpec, fit
-from gan.metrics.in_training import UNSCORED, CheckpointScorer, ScoreSchedule, score_key
+from gan.loop import DataSpec, NonFiniteLossError, fit
+from gan.metrics.in_training import UNSCORED, CheckpointScorer, RunHealth, ScoreSchedule, score_key
 from gan.parallel import ddp_options
 from gan.rendering import save_loss_curves
 from pipelines import ray_compat
 from pipelines.tracking import Tracker
 
 SAMPLE_DIR = "samples"
+DIVERGED = "train/diverged_at_kimg"
+"""The last report of a run that ended in NonFiniteLossError."""
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class InTrainingScores:
     gets the numbers, so all report the same keys (with time/score_s, rank 0's seconds spent scoring so far)."""
 
     def __init__(self, cfg: Config, rank: int, world_size: int, dataset_dir: str, evaluator_dir: str | None):
-        self.key = score_key(cfg)
+        self.cfg, self.key = cfg, score_key(cfg)
         self.rank, self.world_size = rank, world_size
         self.scorer = CheckpointScorer(cfg, dataset_dir, evaluator_dir) if rank == 0 else None
         self.schedule = ScoreSchedule(cfg)
@@ -79,16 +81,21 @@ class WorkerReport:
         self.tracker = Tracker(tracking.tracking_uri) if tracking and rank == 0 else None
         self.run_id = tracking.run_id if tracking else None
         self.scores = scores
+        self.health = RunHealth(scores.cfg) if scores is not None else None
         self.send = send or self.to_train
         self.progress = progress and rank == 0
         self.history: list[dict[str, float]] = []
         self.last: dict[str, Any] = {}
 
-    def __call__(self, metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+    def __call__(self, metrics: dict[str, float], checkpoint_dir: str | None) -> bool:
+        """Scores, logs and sends one report; True when the run's health says to end training (every rank gets
+        the same scores, so every rank decides alike)."""
         images = round(metrics["progress/kimg"] * 1000)
         if self.scores is not None:
             metrics = {**metrics, **self.scores(images, checkpoint_dir)}
         self.last = metrics
+        alarm, stop = self.health.observe(metrics) if self.health is not None else (None, False)
+        self._flag(metrics["progress/kimg"], alarm, stop)
         if self.progress:
             ray_compat.print_unforwarded(
                 f"[train] {metrics['progress/kimg']:8.2f} kimg  {metrics['perf/img_per_s']:8.0f} img/s  "
@@ -101,6 +108,21 @@ class WorkerReport:
                 self.tracker.log_artifact(self.run_id, Path(checkpoint_dir) / "samples.png", SAMPLE_DIR,
                                           name=f"kimg-{images / 1000:09.3f}.png")
         self.send(metrics, checkpoint_dir)
+        return stop
+
+    def _flag(self, kimg: float, alarm: str | None, stop: bool) -> None:
+        """The collapse alarm and an early end, as a progress line and tags on the run (rank 0)."""
+        tags = {}
+        if alarm is not None:
+            tags["collapse"] = f"at {kimg:.2f} kimg: {alarm}"
+        if stop:
+            tags["ended_early"] = (f"at {kimg:.2f} kimg: " + (f"collapse ({alarm})" if alarm else
+                                   f"no better score in train.patience_evals={self.health.train.patience_evals}"))
+        for key, text in tags.items():
+            if self.progress:
+                ray_compat.print_unforwarded(f"[train] {key.replace('_', ' ')} {text}")
+            if self.tracker is not None:
+                self.tracker.set_tags(self.run_id, {key: text})
 
     def to_train(self, metrics: dict[str, Any], checkpoint_dir: str | None) -> None:
         images = round(metrics["progress/kimg"] * 1000)
@@ -191,6 +213,14 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             rank=rank, world_size=world_size,
             autocast_dtype=autocast_dtype)
         report.finish()
+    except NonFiniteLossError as err:
+        # Final: Train's FailureConfig retries every worker error alike, and a diverged run diverges again from
+        # its last checkpoint. Every rank diverges at the same step (DDP averages the gradients), reports it as the
+        # run's last result and returns; the driver raises it (ray_train.train, tune_workers.train_on_workers).
+        report.finish()
+        if rank == 0 and loop_config.get("diverged_file"):  # Train's Result holds only checkpointed reports
+            storage.write_bytes(loop_config["diverged_file"], json.dumps([err.kimg, err.patience]).encode())
+        ray.train.report({DIVERGED: err.kimg, "train/nonfinite_patience": float(err.patience)})
     finally:
         if resume is not None:
             shutil.rmtree(resume, ignore_errors=True)

@@ -14,8 +14,10 @@ from ray.util.queue import Empty, Queue
 
 from gan import storage
 from gan.config import Config
+from gan.loop import NonFiniteLossError
 from gan.metrics.in_training import UNSCORED
 from pipelines import ray_compat, ray_train, ray_train_worker
+from pipelines.ray_train_worker import DIVERGED
 from pipelines.tune_trial import TrialClock
 
 
@@ -52,6 +54,10 @@ def train_on_workers(cfg: Config, setup: dict[str, Any], trial_id: str, tracking
             except Empty:
                 continue
             clock.report_arrived(item["metrics"])
+            if DIVERGED in item["metrics"]:
+                acks.put(True)
+                thread.join()
+                raise NonFiniteLossError(item["metrics"][DIVERGED], int(item["metrics"]["train/nonfinite_patience"]))
             try:
                 scored = setup["metric"] in item["metrics"] and UNSCORED not in item["metrics"]
                 if scored and item["checkpoint"]:

@@ -159,8 +159,14 @@ def _uint8_batches(images: Tensor, batch_size: int) -> Iterator[Tensor]:
         yield to_model_range(images[i:i + batch_size])
 
 
-def _fake_batches(sample_fn: SampleFn, n: int, batch_size: int, seed: int, shape: tuple[int, ...],
-                  quantize: bool) -> Iterator[Tensor]:
+class NonFiniteSamplesError(ValueError):
+    """A generator's samples hold NaN or inf (a diverged generator)."""
+
+
+def fake_batches(sample_fn: SampleFn, n: int, batch_size: int, seed: int, shape: tuple[int, ...],
+                 quantize: bool = True) -> Iterator[Tensor]:
+    """`n` samples of `sample_fn` in batches, drawn from one generator seeded by `seed`, checked for shape and
+    finiteness."""
     gen = torch.Generator().manual_seed(seed)
     for i in range(0, n, batch_size):
         m = min(batch_size, n - i)
@@ -169,7 +175,7 @@ def _fake_batches(sample_fn: SampleFn, n: int, batch_size: int, seed: int, shape
             raise ValueError(f"sample_fn({m}, generator) must return float images {(m, *shape)}, "
                              f"got {x.dtype} {tuple(x.shape)}")
         if not torch.isfinite(x).all():
-            raise ValueError("sample_fn returned non-finite values (a diverged generator?)")
+            raise NonFiniteSamplesError("sample_fn returned non-finite values (a diverged generator?)")
         # Fakes are scored on the uint8 pixels they would be saved as, like the stored real images.
         yield to_model_range(to_pixels(x)) if quantize else x
 
@@ -200,7 +206,7 @@ def evaluate_images(sample_fn: SampleFn, real_uint8: np.ndarray | Tensor, evalua
         raise ValueError(f"num_samples must be >= 2, got {num_samples}")
     real_x = _subset(real_uint8, num_samples, seed)
     real, _ = extract(evaluator, _uint8_batches(real_x, batch_size))
-    fake, fake_logits = extract(evaluator, _fake_batches(sample_fn, num_samples, batch_size, seed + 1,
+    fake, fake_logits = extract(evaluator, fake_batches(sample_fn, num_samples, batch_size, seed + 1,
                                                          tuple(real_x.shape[1:]), quantize))
     return feature_metrics(real, fake, fake_logits, count_tag(num_samples), k=k, seed=seed + 2)
 

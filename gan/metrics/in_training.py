@@ -10,12 +10,19 @@ from typing import TypeVar
 import torch
 
 from gan.config import Config
-from gan.data import MODE_SIGMA, load_manifest, mode_centres, read_split, to_model_range, to_pixels, to_points
+from gan.data import load_manifest, read_split
 from gan.metrics.evaluator import load_evaluator
-from gan.metrics.image_metrics import count_tag, extract, fid_from_features, latent_sampler, real_features
-from gan.metrics.modes import mode_stats
-from gan.rendering import generate
-from gan.scoring import generators_from_checkpoint, primary_generator
+from gan.metrics.image_metrics import (
+    NonFiniteSamplesError,
+    count_tag,
+    extract,
+    fake_batches,
+    fid_from_features,
+    latent_sampler,
+    precision_recall,
+    real_features,
+)
+from gan.scoring import generators_from_checkpoint, point_stats, primary_generator
 
 T = TypeVar("T")
 UNSCORED = "train/unscored"
@@ -33,6 +40,45 @@ def best_scored(checkpoints: list[tuple[T, dict[str, float]]], key: str) -> tupl
     carries +inf, a diverged score NaN or inf, and neither may win."""
     scored = [(c, m) for c, m in checkpoints if math.isfinite(m.get(key, math.nan))]
     return min(scored, key=lambda cm: cm[1][key]) if scored else None
+
+
+TOP_CLASS_SHARE = "train/top_class_share"
+"""Share of the scored samples that the evaluator puts in their most frequent class (1 / classes when balanced)."""
+
+
+class RunHealth:
+    """Reads each in-training score: the collapse alarm (one class takes at least train.collapse_class_share of the
+    samples, or recall falls below half its best so far) and the plateau (no better score for train.patience_evals
+    scores in a row). `observe` returns the alarm (or None) and whether training should end."""
+
+    def __init__(self, cfg: Config):
+        self.train, self.key = cfg.train, score_key(cfg)
+        self.best, self.since_best, self.best_recall = math.inf, 0, 0.0
+
+    def observe(self, metrics: dict[str, float]) -> tuple[str | None, bool]:
+        if self.key not in metrics or UNSCORED in metrics:
+            return None, False
+        score = metrics[self.key]
+        if score < self.best:
+            self.best, self.since_best = score, 0
+        else:
+            self.since_best += 1
+        plateau = 0 < self.train.patience_evals <= self.since_best
+        alarm = self._collapse(metrics)
+        return alarm, plateau or (alarm is not None and self.train.stop_on_collapse)
+
+    def _collapse(self, metrics: dict[str, float]) -> str | None:
+        share = metrics.get(TOP_CLASS_SHARE)
+        if share is not None and 0 < self.train.collapse_class_share <= share:
+            return f"one class takes {share:.0%} of the samples (train.collapse_class_share=" \
+                   f"{self.train.collapse_class_share:g})"
+        recall = next((v for k, v in metrics.items() if k.startswith("train/recall_")), None)
+        if recall is None:
+            return None
+        self.best_recall = max(self.best_recall, recall)
+        if self.train.collapse_class_share > 0 and recall < 0.5 * self.best_recall:
+            return f"recall fell to {recall:.3f}, under half its best {self.best_recall:.3f}"
+        return None
 
 
 class ScoreSchedule:
@@ -78,22 +124,20 @@ class CheckpointScorer:
         G = gens[primary_generator(self.cfg)]
         n, seed = self.cfg.train.fid_samples, self.cfg.eval.seed
         if self.cfg.data.is_points:
-            z = torch.randn(n, self.cfg.model.z_dim, generator=torch.Generator().manual_seed(seed))
-            points = to_points(generate(G, z), extra["scale"]).numpy()
-            stats = mode_stats(points, mode_centres(self.cfg.data.source), MODE_SIGMA[self.cfg.data.source])
-            gap = (1.0 - stats.high_quality) + stats.reverse_kl
-            return {self.key: gap if math.isfinite(gap) else math.inf, **stats.as_metrics("train/")}
+            stats, _ = point_stats(G, self.cfg, extra["scale"], n)
+            return {**stats.as_metrics("train/"), self.key: stats.mode_gap}
         num_classes = extra["num_classes"] if self.cfg.model.conditional else 0
         sample = latent_sampler(G, self.cfg.model.z_dim, num_classes)
-        gen, batch = torch.Generator().manual_seed(seed + 1), self.cfg.eval.batch_size
-        fakes = []
-        for i in range(0, n, batch):
-            x = sample(min(batch, n - i), gen)
-            if not torch.isfinite(x).all():
-                return {self.key: math.inf}
-            fakes.append(to_model_range(to_pixels(x)))  # scored as the uint8 pixels they would be saved as
-        fake, _ = extract(self.evaluator, fakes)
-        return {self.key: fid_from_features(self.real(), fake)}
+        try:
+            fake, logits = extract(self.evaluator, fake_batches(sample, n, self.cfg.eval.batch_size, seed + 1,
+                                                                tuple(extra["data_shape"])))
+        except NonFiniteSamplesError:
+            return {self.key: math.inf}
+        real = self.real()
+        _, recall = precision_recall(real, fake)
+        shares = torch.bincount(logits.argmax(1), minlength=logits.shape[1]).float() / len(logits)
+        return {self.key: fid_from_features(real, fake), f"train/recall_{count_tag(n)}": recall,
+                TOP_CLASS_SHARE: float(shares.max())}
 
 
 # A process scores many checkpoints, and a Tune trial process many trials, of the same data and evaluator: both are

@@ -67,7 +67,7 @@ def test_ring8_is_scored_by_mode_metrics(stage_context, tmp_path):
     evaluator = evaluator_stage(ctx, cfg, dataset)
     assert evaluator["evaluator_dir"] is None
     out = evaluate_stage(ctx, cfg, dataset, evaluator, train_in_process(cfg, dataset["dataset_dir"], tmp_path / "c"))
-    expected = {"eval/modes_covered", "eval/high_quality", "eval/reverse_kl", "eval_raw/modes_covered"}
+    expected = {"eval/modes_covered", "eval/high_quality", "eval/reverse_kl", "eval/mode_gap", "eval_raw/modes_covered"}
     assert expected <= set(out["metrics"])
     assert 0 <= out["metrics"]["eval/modes_covered"] <= 8
 

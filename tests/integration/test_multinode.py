@@ -63,7 +63,7 @@ def test_the_bucket_holds_data_evaluator_checkpoints_tune_state_and_the_model(sc
     assert not has(r"mn/ray/mn-search-[0-9a-f]{16}-train/.*"), [k for k in keys if "-train/" in k]
     assert any(k.endswith("/MLmodel") for k in scenario["search"]["mlflow_keys"]), "the model in MLflow's artifacts"
     registered = scenario["search"]["registered"]
-    assert registered["is_champion"] and registered["champion_uri"] == "models:/gan-digits@champion"
+    assert registered["is_champion"] and registered["champion_uri"] == "models:/gan-digits-16px@champion"
 
 
 def test_a_search_whose_driver_was_killed_resumes_from_tunes_state_in_the_bucket(scenario):

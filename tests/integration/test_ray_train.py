@@ -9,7 +9,7 @@ import torch
 
 from gan.checkpoint import read_checkpoint
 from gan.config_loader import load_config
-from pipelines.stages import StageError, prepare_stage, train_stage
+from pipelines.stages import StageError, evaluator_stage, prepare_stage, train_stage
 from tests.faults import DIVERGING_LR, kill_a_train_worker_after
 
 pytestmark = pytest.mark.integration
@@ -83,11 +83,28 @@ def test_non_finite_losses_fail_the_run_with_a_clear_error(ray_session, mnist_id
                     f"optim.lr_g={DIVERGING_LR}", f"optim.lr_d={DIVERGING_LR}")
     dataset = prepare_stage(ctx, cfg)
     with pytest.raises(StageError, match="nonfinite_patience=3"):
-        train_stage(ctx, cfg, dataset, max_failures=0)
+        train_stage(ctx, cfg, dataset, max_failures=1)
     runs = ctx.tracker.client.search_runs([ctx.tracker.experiment_id("tests")],
                                           filter_string="tags.stage = 'train'")
     assert [r.info.status for r in runs] == ["FAILED"]
-    assert "NonFiniteLossError" in runs[0].data.tags["error"]
+    # The workers' own error, raised by the driver: not a WorkerGroupError of a second attempt FailureConfig made.
+    assert runs[0].data.tags["error"].startswith("NonFiniteLossError: non-finite loss or gradient in 3 steps")
+
+
+def test_a_collapse_alarm_configured_to_stop_ends_every_worker_at_the_best_checkpoint(ray_session, mnist_idx,
+                                                                                      tmp_path, stage_context):
+    ctx = stage_context
+    # Every generator's most frequent class holds at least a tenth of its samples: the alarm fires at the first score.
+    cfg = mnist_cfg(mnist_idx, tmp_path, "name=mnist-collapse", "train.kimg=4", "train.fid_every_kimg=1",
+                    "train.collapse_class_share=0.05", "train.stop_on_collapse=true")
+    dataset = prepare_stage(ctx, cfg)
+    evaluator = evaluator_stage(ctx, load_config(None, ["data.source=idx", f"data.root={mnist_idx}",
+                                                        "eval.evaluator_epochs=1"]), dataset)
+    out = train_stage(ctx, cfg, dataset, evaluator)
+    assert read_checkpoint(out["checkpoint_dir"])["counters"]["images"] < 2000
+    tags = ctx.tracker.run(out["run_id"]).data.tags
+    assert tags["collapse"].startswith("at 1.02 kimg: one class takes") and tags["ended_early"].startswith("at 1.02")
+    assert max(kimg_steps(ctx, out["run_id"])) < 2000
 
 
 @pytest.mark.parametrize("extra", [

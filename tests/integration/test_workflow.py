@@ -59,8 +59,8 @@ def test_pipeline_registers_once_and_a_rerun_reuses_every_stage(ray_session, tmp
     assert tracker.alias_version("gan-wf", CHAMPION) == "1"
     (version,) = tracker.model_versions("gan-wf")
     tags = version.tags
-    assert tags["score_metric"] == "eval/reverse_kl"
-    assert float(tags["reverse_kl"]) == pytest.approx(out["evaluated"]["metrics"]["eval/reverse_kl"])
+    assert tags["score_metric"] == "eval/mode_gap"
+    assert float(tags["mode_gap"]) == pytest.approx(out["evaluated"]["metrics"]["eval/mode_gap"])
     assert tags["pipeline_run_id"] == out["pipeline_run_id"]
     assert tags["dataset_hash"] == out["dataset"]["dataset_hash"] and tags["evaluator_id"] == "modes"
     assert len(tags["git_commit"]) >= 7 and len(tags["config_hash"]) == 16 and tags["generator"] == "G_ema"
@@ -86,12 +86,12 @@ def test_pipeline_registers_once_and_a_rerun_reuses_every_stage(ray_session, tmp
 
     # The registered model scored again from its URI gives the evaluate stage's numbers.
     scored = evaluate_registered(cfg, workdir, "models:/gan-wf@champion", log=lines.append)
-    for key in ("eval/modes_covered", "eval/high_quality", "eval/reverse_kl"):
+    for key in ("eval/modes_covered", "eval/high_quality", "eval/mode_gap"):
         assert scored["metrics"][key] == pytest.approx(out["evaluated"]["metrics"][key], abs=2e-3), key
 
     # A gate the model cannot pass: only the register stage runs again, it fails, nothing is registered.
     gated = load_config(ROOT / "configs/ring8.yaml", [*ring8_overrides(tmp_path, "wf"), "register.max_fid=1e-9"])
-    with pytest.raises(StageError, match=r"not registered: eval/reverse_kl=.* register.max_fid=1e-09"):
+    with pytest.raises(StageError, match=r"not registered: eval/mode_gap=.* register.max_fid=1e-09"):
         run_pipeline(gated, workdir, log=lines.append)
     failed = tracker.find_runs("wf", {"stage": "register"}, status="FAILED")
     assert len(failed) == 1 and "register.max_fid" in failed[0].data.tags["error"]

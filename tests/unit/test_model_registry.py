@@ -1,17 +1,25 @@
-"""Registry rules against a real SQLite MLflow store: the gate, version tags, and who holds `champion`."""
+"""Registry rules against a real SQLite MLflow store: the gate, version tags, the name's data shape, and who holds
+`champion` (only versions scored alike compete; a person's pin holds)."""
 
+import numpy as np
 import pytest
 import torch
 
 from gan.config_loader import load_config
+from gan.data.sources import MODE_SIGMA, mode_centres
 from gan.export import served_generator
+from gan.metrics.modes import mode_stats
 from pipelines.model_registry import (
     CHALLENGER,
     CHAMPION,
+    PINNED,
     GateError,
+    ShapeError,
     check_gate,
+    check_shape,
     elect_champion,
     model_name,
+    rescored_tag,
     score_of,
     version_tags,
 )
@@ -23,9 +31,21 @@ METRICS = {"eval/fid_2k": 12.5, "eval/is_2k": 8.1, "eval/kid_2k": 0.9, "eval/kid
 
 def test_score_is_the_registered_generators_fid_not_the_floor_or_raw_g():
     assert score_of(METRICS) == ("eval/fid_2k", 12.5)
-    assert score_of({"eval/modes_covered": 8.0, "eval/reverse_kl": 0.03}) == ("eval/reverse_kl", 0.03)
+    assert score_of({"eval/reverse_kl": 0.03, "eval/mode_gap": 0.05}) == ("eval/mode_gap", 0.05)
     with pytest.raises(KeyError, match="eval/fid_<n>"):
         score_of({"eval/is_2k": 3.0})
+    with pytest.raises(KeyError, match="eval/mode_gap"):
+        score_of({"eval/reverse_kl": 0.03})  # balance alone does not rank 2-D generators
+
+
+def test_uniform_noise_does_not_outrank_a_generator_on_seven_of_eight_modes():
+    rng = np.random.default_rng(0)
+    centres, sigma = mode_centres("ring8"), MODE_SIGMA["ring8"]
+    noise = rng.uniform(-2.5, 2.5, size=(2500, 2))
+    modes = centres[rng.integers(0, 7, size=2500)] + rng.normal(0, sigma, size=(2500, 2))
+    noise_stats, modes_stats = mode_stats(noise, centres, sigma), mode_stats(modes, centres, sigma)
+    assert noise_stats.reverse_kl < modes_stats.reverse_kl  # what ranked noise first
+    assert score_of(noise_stats.as_metrics())[1] > score_of(modes_stats.as_metrics())[1] + 0.5
 
 
 def test_gate_refuses_a_model_above_max_fid_with_the_numbers():
@@ -45,9 +65,23 @@ def test_version_tags_carry_metrics_and_lineage():
     assert tags["evaluator_id"] == "ev1" and tags["dataset_hash"] == "d1" and tags["git_commit"] == "abc"
 
 
-def test_model_name_defaults_to_the_dataset():
-    assert model_name(load_config(overrides=["data.source=digits"])) == "gan-digits"
+def test_model_name_says_the_dataset_and_its_image_side():
+    assert model_name(load_config(overrides=["data.source=digits"])) == "gan-digits-28px"
+    assert model_name(load_config(overrides=["data.source=digits", "data.resolution=16"])) == "gan-digits-16px"
+    assert model_name(load_config(overrides=["data.source=ring8"])) == "gan-ring8"
     assert model_name(load_config(overrides=["register.model_name=mine"])) == "mine"
+
+
+class _Version:
+    def __init__(self, version, tags):
+        self.version, self.tags = version, tags
+
+
+def test_a_name_holds_one_data_shape():
+    versions = [_Version("1", {"data_shape": "1x28x28"}), _Version("2", {})]
+    check_shape(versions, "gan-digits", "1x28x28")
+    with pytest.raises(ShapeError, match=r"gan-digits holds generators of data shape 1x28x28, this one is 1x16x16"):
+        check_shape(versions, "gan-digits", "1x16x16")
 
 
 @pytest.fixture(scope="module")
@@ -68,9 +102,9 @@ class _Unconditional(torch.nn.Module):
         return self.net(z)
 
 
-def _register(tracker, uri, name, fid, evaluator="ev1"):
-    version = tracker.register_model(uri, name, version_tags({"eval/fid_2k": fid}, evaluator_id=evaluator))
-    return version, elect_champion(tracker, name, version)
+def _register(tracker, uri, name, fid, evaluator="ev1", metric="eval/fid_2k", auto=True):
+    version = tracker.register_model(uri, name, version_tags({metric: fid}, evaluator_id=evaluator))
+    return version, elect_champion(tracker, name, version, auto=auto)
 
 
 def _tags(tracker, name):
@@ -88,6 +122,36 @@ def test_champion_moves_only_to_a_better_fid_under_the_same_evaluator(registry):
     assert tracker.alias_version(name, CHAMPION) == "5"
     tags = _tags(tracker, name)
     assert [v for v in sorted(tags) if tags[v].get(CHALLENGER) == "true"] == ["2", "3", "4"]
+
+
+def test_fids_of_different_sample_counts_do_not_compete(registry):
+    tracker, uri = registry
+    name = "gan-counts"
+    assert _register(tracker, uri, name, 30.0) == ("1", "1")
+    assert _register(tracker, uri, name, 5.0, metric="eval/fid_10k") == ("2", "1")  # FID(10k) < FID(2k) by bias
+    assert _register(tracker, uri, name, 25.0) == ("3", "3")
+
+
+def test_a_champion_rescored_under_a_new_evaluator_competes_there(registry):
+    tracker, uri = registry
+    name = "gan-rescored"
+    assert _register(tracker, uri, name, 30.0) == ("1", "1")
+    tracker.set_version_tags(name, "1", {rescored_tag("ev2", "eval/fid_2k"): "8.0"})
+    assert _register(tracker, uri, name, 9.0, evaluator="ev2") == ("2", "1")  # worse than the champion's re-score
+    assert _register(tracker, uri, name, 7.0, evaluator="ev2") == ("3", "3")
+    assert _register(tracker, uri, name, 1.0) == ("4", "3")  # the old evaluator's versions no longer compete
+
+
+def test_a_pinned_champion_or_auto_champion_off_keeps_the_alias(registry):
+    tracker, uri = registry
+    name = "gan-pinned"
+    assert _register(tracker, uri, name, 30.0, auto=False) == ("1", "1")  # the first version still becomes champion
+    assert _register(tracker, uri, name, 10.0, auto=False) == ("2", "1")
+    tracker.set_alias(name, CHAMPION, "2")  # a person moves the alias in the UI and pins it
+    tracker.set_version_tags(name, "2", {PINNED: "true"})
+    assert _register(tracker, uri, name, 1.0) == ("3", "2")
+    tracker.set_version_tags(name, "2", {PINNED: "false"})
+    assert _register(tracker, uri, name, 2.0) == ("4", "3")
 
 
 def test_loading_the_champion_gives_the_registered_module(registry):

@@ -195,7 +195,9 @@ def test_the_checkpoint_scorer_is_seeded_cached_per_process_and_inf_for_a_broken
     before = in_training._real_side.cache_info().hits
     first = CheckpointScorer(cfg, dataset_dir, evaluator_dir)(kept)
     again = CheckpointScorer(cfg, dataset_dir, evaluator_dir)(kept)
-    assert set(first) == {"train/fid_2k"} and 0 < first["train/fid_2k"] < 1e4
+    assert set(first) == {"train/fid_2k", "train/recall_2k", "train/top_class_share"}
+    assert 0 < first["train/fid_2k"] < 1e4 and 0 <= first["train/recall_2k"] <= 1
+    assert 0.1 <= first["train/top_class_share"] <= 1  # of 10 classes
     assert again == first, "the same checkpoint scores the same: seeded latents, the same real side"
     assert in_training._real_side.cache_info().hits > before, "the second scorer reused the real features"
 

@@ -1,0 +1,67 @@
+"""Run health: early stopping on a score plateau, the collapse alarm, and a report that ends training; a diverged run's
+error survives the trip between Ray processes."""
+
+import pickle
+
+import pytest
+
+from gan.config import ConfigError
+from gan.config_loader import load_config
+from gan.loop import NonFiniteLossError, fit
+from gan.metrics.in_training import TOP_CLASS_SHARE, UNSCORED, RunHealth
+from tests.unit.test_loop import SMALL, SPEC, ring_batches
+
+IMAGES = ["data.source=digits", "train.fid_every_kimg=1", "train.checkpoint_every_kimg=1"]
+
+
+def _observe(health, *reports):
+    return [health.observe(r) for r in reports]
+
+
+def test_a_plateau_of_patience_evals_scores_ends_the_run():
+    health = RunHealth(load_config(None, [*IMAGES, "train.patience_evals=2", "train.collapse_class_share=0"]))
+    fid = "train/fid_2k"
+    out = _observe(health, {fid: 5.0}, {fid: 4.0}, {fid: 4.5}, {fid: float("inf"), UNSCORED: 1.0}, {fid: 4.2})
+    assert [stop for _, stop in out] == [False, False, False, False, True]  # the unscored report does not count
+    assert all(alarm is None for alarm, _ in out)
+    off = RunHealth(load_config(None, [*IMAGES, "train.collapse_class_share=0"]))
+    assert not any(stop for _, stop in _observe(off, *[{fid: 5.0}] * 10))
+
+
+def test_the_collapse_alarm_reads_the_class_histogram_and_the_recall():
+    health = RunHealth(load_config(None, IMAGES))
+    fid, recall = "train/fid_2k", "train/recall_2k"
+    out = _observe(health, {fid: 9.0, recall: 0.2, TOP_CLASS_SHARE: 0.12},
+                   {fid: 8.0, recall: 0.5, TOP_CLASS_SHARE: 0.1}, {fid: 7.0, recall: 0.3, TOP_CLASS_SHARE: 0.1},
+                   {fid: 7.5, recall: 0.2, TOP_CLASS_SHARE: 0.1},
+                   {fid: 6.0, recall: 0.5, TOP_CLASS_SHARE: 0.55})
+    alarms = [alarm for alarm, _ in out]
+    assert alarms[:3] == [None, None, None]
+    assert alarms[3] == "recall fell to 0.200, under half its best 0.500"
+    assert alarms[4] == "one class takes 55% of the samples (train.collapse_class_share=0.5)"
+    assert not any(stop for _, stop in out), "an alarm alone does not stop the run"
+    stopping = RunHealth(load_config(None, [*IMAGES, "train.stop_on_collapse=true"]))
+    assert stopping.observe({fid: 6.0, recall: 0.5, TOP_CLASS_SHARE: 0.9})[1]
+
+
+def test_patience_needs_in_training_scores():
+    with pytest.raises(ConfigError, match="train.patience_evals needs train.fid_every_kimg > 0"):
+        load_config(None, ["train.patience_evals=3"])
+
+
+def test_a_report_returning_true_ends_training_there():
+    cfg = load_config(None, [*SMALL, "train.kimg=5", "train.batch_size=50", "train.log_every_kimg=1"])
+    seen = []
+
+    def report(metrics, checkpoint_dir):
+        seen.append(metrics["progress/kimg"])
+        return metrics["progress/kimg"] >= 2
+
+    state = fit(cfg, ring_batches(50), spec=SPEC, report=report)
+    assert seen == [1.0, 2.0] and state.images == 2000
+
+
+def test_a_diverged_runs_error_pickles_with_its_message():
+    err = pickle.loads(pickle.dumps(NonFiniteLossError(3.25, 5)))
+    assert (err.kimg, err.patience) == (3.25, 5)
+    assert str(err).startswith("non-finite loss or gradient in 5 steps in a row at 3.250 kimg")
