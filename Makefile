@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 STAMP := $(VENV)/.installed
 
-.PHONY: install run test test-unit lint ui bench clean
+.PHONY: install run test test-unit lint ui ui-screenshots bench clean
 
 install: $(STAMP)
 
@@ -31,6 +31,10 @@ lint: install
 
 ui: install
 	$(VENV)/bin/mlflow ui --host 127.0.0.1 --port 5000 --backend-store-uri sqlite:///runs/mlflow.db
+
+# docs/ui-*.png from the quickstart's store (make run first); needs Chromium: apt-get install -y chromium
+ui-screenshots: install
+	$(PY) -m bench.ui_screenshots
 
 clean:
 	rm -rf runs data .pytest_cache

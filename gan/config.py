@@ -21,6 +21,7 @@ SOURCES = POINT_SOURCES + IMAGE_SOURCES
 MODEL_FAMILIES = ("mlp", "dcgan")
 LOSSES = ("bce", "hinge", "wgan-gp", "lsgan")
 DCGAN_RESOLUTIONS = (28, 32, 64)
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 EVALUATOR_FEATURES = 128
 """Feature dimension of the trained evaluator (the space of FID, KID and precision/recall)."""
 INCEPTION_FEATURES = 2048
@@ -281,7 +282,12 @@ class ScaleConfig:
     """Ray Train workers (data-parallel replicas). In a search, 1 trains each trial inside its Tune trial process
     (no TorchTrainer per trial), as many at once as the cluster's CPUs (or GPUs) hold."""
     use_gpu: bool = False
-    """One GPU per worker."""
+    """Train on GPUs: scale.gpus_per_worker each."""
+    gpus_per_worker: float = 1.0
+    """GPUs each worker reserves with scale.use_gpu; a fraction lets several small trials share one GPU."""
+    precision: str = "auto"
+    """Precision of the training steps: auto (bf16 on CUDA, fp32 on CPU), fp32, bf16 (autocast, also on CPU), or
+    fp16 (autocast with a gradient scaler per optimizer, saved in the checkpoint)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker (fractions allowed)."""
     worker_resources: dict[str, float] = field(default_factory=dict)
@@ -291,6 +297,9 @@ class ScaleConfig:
     def __post_init__(self) -> None:
         _check(self.num_workers >= 1, "scale.num_workers", "must be >= 1", self.num_workers)
         _check(self.cpus_per_worker > 0, "scale.cpus_per_worker", "must be > 0", self.cpus_per_worker)
+        _check(self.gpus_per_worker > 0, "scale.gpus_per_worker", "must be > 0", self.gpus_per_worker)
+        _check(self.precision in PRECISIONS, "scale.precision", f"must be one of {', '.join(PRECISIONS)}",
+               self.precision)
         for name, amount in self.worker_resources.items():
             key = f"scale.worker_resources.{name}"
             _check(name not in ("CPU", "GPU"), key, "must be a custom resource (CPU and GPU have their own keys)",

@@ -1,5 +1,5 @@
 """What training on a device decides, in one place for the Ray workers and torch-only callers alike: the autocast
-dtype, the process's threads and cuDNN tuning, and the memory layout of conv models."""
+dtype (scale.precision), the process's threads and cuDNN tuning, and the memory layout of conv models."""
 
 from __future__ import annotations
 
@@ -9,14 +9,21 @@ from torch import nn
 from gan.config import Config
 
 
+def autocast_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
+    """The dtype the training steps autocast to under scale.precision, None for fp32."""
+    if cfg.scale.precision == "auto":
+        return torch.bfloat16 if device.type == "cuda" else None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.scale.precision]
+
+
 def prepare_process(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """Sets this process up for training on `device` and returns the autocast dtype: bf16 on CUDA, none on CPU
-    (where torch gets the worker's whole CPUs as threads)."""
+    """Sets this process up for training on `device` (cuDNN's autotuner on CUDA; on CPU, the worker's whole CPUs
+    as torch threads) and returns the autocast dtype."""
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-        return torch.bfloat16
-    torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
-    return None
+    else:
+        torch.set_num_threads(max(1, int(cfg.scale.cpus_per_worker)))
+    return autocast_dtype(cfg, device)
 
 
 def device_layout(module: nn.Module, cfg: Config, device: torch.device) -> nn.Module:

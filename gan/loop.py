@@ -10,7 +10,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -78,6 +78,8 @@ class TrainState:
     g_steps: int = 0
     epoch: int = 0
     batch_in_epoch: int = 0
+    scalers: dict[str, torch.amp.GradScaler] = field(default_factory=dict)
+    """fp16's gradient scalers ("g", "d"); empty in other precisions."""
 
     @property
     def kimg(self) -> float:
@@ -111,7 +113,7 @@ def save_state(state: TrainState, directory: str | Path, cfg: Config, spec: Data
         optimizers={"opt_g": state.opt_g, "opt_d": state.opt_d},
         counters=state.counters(),
         extra={"config": to_dict(cfg), "data_shape": list(spec.shape), "num_classes": spec.num_classes,
-               "scale": spec.scale},
+               "scale": spec.scale, "grad_scalers": {k: v.state_dict() for k, v in state.scalers.items()}},
         meta={"kimg": state.kimg, "name": cfg.name},
     )
 
@@ -123,6 +125,9 @@ def restore_state(state: TrainState, directory: str | Path, *, restore_rng: bool
                              map_location=next(unwrap(state.G).parameters()).device)
     for key, value in loaded["counters"].items():
         setattr(state, key, int(value))
+    for key, scaler_state in loaded["extra"].get("grad_scalers", {}).items():
+        if key in state.scalers and scaler_state:
+            state.scalers[key].load_state_dict(scaler_state)
 
 
 class _Window:
@@ -261,13 +266,13 @@ def _train_on(state: TrainState, cfg: Config, real: Tensor, y: Tensor | None, *,
     with precision():
         # When a G step follows, one G forward serves both steps (G is unchanged by the D step).
         fake = G(z, y) if g_follows else None
-        stats = [("d", d_step(G, D, state.opt_d, real, y, z, cfg.loss, fake=fake))]
+        stats = [("d", d_step(G, D, state.opt_d, real, y, z, cfg.loss, fake=fake, scaler=state.scalers.get("d")))]
     state.d_steps += 1
     state.batch_in_epoch += 1
     state.images += real.shape[0] * world_size
     if g_follows:
         with precision():
-            g = g_step(G, D, state.opt_g, z, y, cfg.loss, fake=fake)
+            g = g_step(G, D, state.opt_g, z, y, cfg.loss, fake=fake, scaler=state.scalers.get("g"))
         stats.append(("g", g))
         if g.finite:
             state.g_steps += 1
@@ -292,11 +297,13 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
     """Trains until `train.kimg` thousand real images (all workers together) have been shown to D, or `report`
     returns True.
 
-    `autocast_dtype` (e.g. torch.bfloat16 on CUDA) runs the steps under mixed precision; bf16 keeps fp32's
-    exponent range, so no gradient scaler is needed.
+    `autocast_dtype` (gan.device.autocast_dtype: bf16 on CUDA by default) runs the steps under mixed precision;
+    fp16 adds a gradient scaler per optimizer, saved and restored with the checkpoint.
     """
     device = torch.device(device)
     state = build_state(cfg, spec, device=device, wrap=wrap)
+    if autocast_dtype == torch.float16:  # bf16 keeps fp32's exponent range and needs no scaler
+        state.scalers = {"g": torch.amp.GradScaler(device.type), "d": torch.amp.GradScaler(device.type)}
     if resume is not None:
         restore_state(state, resume, restore_rng=rank == 0)
     if resume is None or rank != 0:

@@ -1,4 +1,9 @@
-"""One optimisation step each: d_step changes only D, g_step changes only G, ema_update tracks G."""
+"""One optimisation step each: d_step changes only D, g_step changes only G, ema_update tracks G.
+
+Under autocast (scale.precision bf16/fp16) the networks' forwards run in low precision, but the losses are taken on
+fp32 logits (softplus and squares of bf16 logits lose the small differences the gradients live on), the R1 and
+gradient penalties run D in fp32 with autocast off (their second backward differentiates an input gradient, which
+low precision rounds to noise), and G_ema averages the fp32 weights autocast leaves untouched."""
 
 from __future__ import annotations
 
@@ -37,40 +42,62 @@ def _no_sync(module: nn.Module) -> contextlib.AbstractContextManager:
     return module.no_sync() if hasattr(module, "no_sync") else contextlib.nullcontext()
 
 
-def _apply(opt: torch.optim.Optimizer, module: nn.Module, loss: Tensor) -> tuple[Tensor, bool]:
-    """Backward, then step only if loss and (all-reduced) gradients are finite, so every rank agrees."""
+def _apply(opt: torch.optim.Optimizer, module: nn.Module, loss: Tensor,
+           scaler: torch.amp.GradScaler | None = None) -> tuple[Tensor, bool]:
+    """Backward, then step only if loss and (all-reduced) gradients are finite, so every rank agrees.
+
+    With an fp16 `scaler`, overflowing gradients are the scaler's to handle (it skips the step and lowers the
+    scale), so only a non-finite loss counts as a non-finite step."""
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    loss_finite = bool(torch.isfinite(loss.detach()))
+    if scaler is None:
+        loss.backward()
+        norm = _grad_norm(module)
+        finite = bool(torch.isfinite(norm)) and loss_finite
+        if finite:
+            opt.step()
+        else:
+            opt.zero_grad(set_to_none=True)
+        return norm, finite
+    scaler.scale(loss).backward()
+    scaler.unscale_(opt)
     norm = _grad_norm(module)
-    finite = bool(torch.isfinite(norm)) and bool(torch.isfinite(loss.detach()))
-    if finite:
-        opt.step()
-    else:
-        opt.zero_grad(set_to_none=True)
-    return norm, finite
+    scaler.step(opt)
+    scaler.update()
+    return norm, loss_finite
 
 
 def d_step(G: nn.Module, D: nn.Module, opt_d: torch.optim.Optimizer, real: Tensor, y: Tensor | None,
-           z: Tensor, loss_cfg: LossConfig, fake: Tensor | None = None) -> StepStats:
+           z: Tensor, loss_cfg: LossConfig, fake: Tensor | None = None,
+           scaler: torch.amp.GradScaler | None = None) -> StepStats:
     """One D update on a real batch and G(z) (or a given `fake`, detached here); G gets no gradient."""
     D.requires_grad_(True)
     if fake is None:
         with torch.no_grad():
             fake = G(z, y)
     fake = fake.detach()
-    out_real = D(real, y)
-    out_fake = D(fake, y)
+    out_real = D(real, y).float()
+    out_fake = D(fake, y).float()
     r, f = realness_logit(out_real), realness_logit(out_fake)
-    loss = d_loss(loss_cfg.kind, r, f)
-    if loss_cfg.kind == "wgan-gp" and loss_cfg.gp_weight > 0:
-        loss = loss + loss_cfg.gp_weight * gradient_penalty(lambda x: realness_logit(D(x, y)), real, fake)
-    if loss_cfg.r1_gamma > 0:
-        loss = loss + 0.5 * loss_cfg.r1_gamma * r1_penalty(lambda x: realness_logit(D(x, y)), real)
+    loss = d_loss(loss_cfg.kind, r, f) + _penalties(D, real, fake, y, loss_cfg)
     if out_real.dim() == 2 and y is not None:
         loss = loss + _supervised_loss(out_real, y)
-    norm, finite = _apply(opt_d, D, loss)
+    norm, finite = _apply(opt_d, D, loss, scaler)
     return StepStats(loss.detach(), norm, torch.sigmoid(r.detach()).mean(), torch.sigmoid(f.detach()).mean(),
                      finite)
+
+
+def _penalties(D: nn.Module, real: Tensor, fake: Tensor, y: Tensor | None, loss_cfg: LossConfig) -> Tensor | float:
+    """WGAN-GP's gradient penalty and R1, weighted, in fp32 (see the module's docstring); 0 when both are off."""
+    total: Tensor | float = 0.0
+    with torch.autocast(real.device.type, enabled=False):
+        def critic(x: Tensor) -> Tensor:
+            return realness_logit(D(x.float(), y))
+        if loss_cfg.kind == "wgan-gp" and loss_cfg.gp_weight > 0:
+            total = total + loss_cfg.gp_weight * gradient_penalty(critic, real.float(), fake.float())
+        if loss_cfg.r1_gamma > 0:
+            total = total + 0.5 * loss_cfg.r1_gamma * r1_penalty(critic, real.float())
+    return total
 
 
 def _supervised_loss(out: Tensor, y: Tensor) -> Tensor:
@@ -83,7 +110,8 @@ def _supervised_loss(out: Tensor, y: Tensor) -> Tensor:
 
 
 def g_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, z: Tensor, y: Tensor | None,
-           loss_cfg: LossConfig, fake: Tensor | None = None) -> StepStats:
+           loss_cfg: LossConfig, fake: Tensor | None = None,
+           scaler: torch.amp.GradScaler | None = None) -> StepStats:
     """One G update through a frozen D; D's parameters get no gradient and are not all-reduced.
 
     `fake` may be G(z, y) from the D step, still attached to G's graph (the textbook loop's saving of one G
@@ -91,10 +119,10 @@ def g_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, z: Tensor, 
     D.requires_grad_(False)
     try:
         with _no_sync(D):
-            out_fake = D(G(z, y) if fake is None else fake, y)
+            out_fake = D(G(z, y) if fake is None else fake, y).float()
             f = realness_logit(out_fake)
             loss = g_loss(loss_cfg.kind, f)
-            norm, finite = _apply(opt_g, G, loss)
+            norm, finite = _apply(opt_g, G, loss, scaler)
     finally:
         D.requires_grad_(True)
     return StepStats(loss.detach(), norm, None, torch.sigmoid(f.detach()).mean(), finite)

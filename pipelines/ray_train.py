@@ -120,7 +120,7 @@ def build_trainer(cfg: Config, dataset_dir: str | Path, *, storage_path: str | P
     if cfg.train.scores and not cfg.data.is_points and evaluator_dir is None:
         raise ConfigError(f"train.fid_every_kimg={cfg.train.fid_every_kimg:g} scores images with the evaluator: "
                           f"pass evaluator_dir")
-    resources = {"CPU": cfg.scale.cpus_per_worker, **({"GPU": 1} if cfg.scale.use_gpu else {}),
+    resources = {"CPU": cfg.scale.cpus_per_worker, **({"GPU": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {}),
                  **cfg.scale.worker_resources}
     keep = CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints)
     if cfg.train.scores:

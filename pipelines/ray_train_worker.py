@@ -4,6 +4,7 @@ scores, reports to MLflow and Ray, resuming."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import shutil
@@ -53,10 +54,11 @@ class InTrainingScores:
     """In-training scores: rank 0 scores a checkpoint every train.fid_every_kimg (and at the end) and every rank
     gets the numbers, so all report the same keys (with time/score_s, rank 0's seconds spent scoring so far)."""
 
-    def __init__(self, cfg: Config, rank: int, world_size: int, dataset_dir: str, evaluator_dir: str | None):
+    def __init__(self, cfg: Config, rank: int, world_size: int, dataset_dir: str, evaluator_dir: str | None, *,
+                 device: torch.device | str = "cpu"):
         self.cfg, self.key = cfg, score_key(cfg)
         self.rank, self.world_size = rank, world_size
-        self.scorer = CheckpointScorer(cfg, dataset_dir, evaluator_dir) if rank == 0 else None
+        self.scorer = CheckpointScorer(cfg, dataset_dir, evaluator_dir, device=device) if rank == 0 else None
         self.schedule = ScoreSchedule(cfg)
         self.seconds = 0.0
 
@@ -109,6 +111,10 @@ class WorkerReport:
                                           name=f"kimg-{images / 1000:09.3f}.png")
         self.send(metrics, checkpoint_dir)
         return stop
+
+    def monitoring(self) -> contextlib.AbstractContextManager:
+        """MLflow's system metrics (CPU, memory, GPU) of this process into the run, from rank 0."""
+        return self.tracker.system_metrics(self.run_id) if self.tracker is not None else contextlib.nullcontext()
 
     def _flag(self, kimg: float, alarm: str | None, stop: bool) -> None:
         """The collapse alarm and an early end, as a progress line and tags on the run (rank 0)."""
@@ -202,16 +208,17 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         storage.write_bytes(loop_config["placement_group_file"], ray_compat.current_placement_group_hex().encode())
     scores = None
     if cfg.train.scores:
-        scores = InTrainingScores(cfg, rank, world_size, loop_config["dataset_dir"], loop_config.get("evaluator_dir"))
+        scores = InTrainingScores(cfg, rank, world_size, loop_config["dataset_dir"], loop_config.get("evaluator_dir"),
+                                  device=device)
     report = WorkerReport(rank, tracking, scores)
     nodes = _worker_nodes(world_size)
     if report.tracker is not None:  # which node each rank runs on: in the MLflow UI, and what a lost node cost
         report.tracker.set_tags(report.run_id, {"ray.worker_nodes": json.dumps(nodes)})
     try:
-        fit(cfg, _batches(cfg, manifest, rank, world_size), spec=DataSpec.from_manifest(manifest),
-            report=report, resume=resume, wrap=model_wrapper(cfg, device, data_parallel=True), device=device,
-            rank=rank, world_size=world_size,
-            autocast_dtype=autocast_dtype)
+        with report.monitoring():
+            fit(cfg, _batches(cfg, manifest, rank, world_size), spec=DataSpec.from_manifest(manifest),
+                report=report, resume=resume, wrap=model_wrapper(cfg, device, data_parallel=True), device=device,
+                rank=rank, world_size=world_size, autocast_dtype=autocast_dtype)
         report.finish()
     except NonFiniteLossError as err:
         # Final: Train's FailureConfig retries every worker error alike, and a diverged run diverges again from

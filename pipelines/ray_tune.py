@@ -57,7 +57,7 @@ def trial_resources(cfg: Config, in_trial: bool) -> dict[str, float]:
     tune.cpus_per_trial (its TorchTrainer's workers reserve their own)."""
     if not in_trial:
         return {"CPU": cfg.tune.cpus_per_trial}
-    return {"CPU": cfg.scale.cpus_per_worker, **({"GPU": 1.0} if cfg.scale.use_gpu else {}),
+    return {"CPU": cfg.scale.cpus_per_worker, **({"GPU": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {}),
             **cfg.scale.worker_resources}
 
 
@@ -77,9 +77,10 @@ def max_concurrent_trials(cfg: Config, resources: dict[str, float], in_trial: bo
             f"{cfg.scale.num_workers} x scale.cpus_per_worker={cfg.scale.cpus_per_worker:g} CPUs and Ray Data needs "
             f"{ray_compat.RAY_DATA_READ_CPUS:g} CPU free")
     if cfg.scale.use_gpu:
-        fits = min(fits, int(resources.get("GPU", 0.0) // workers))
+        fits = min(fits, int(resources.get("GPU", 0.0) / (workers * cfg.scale.gpus_per_worker) + 1e-9))
     if fits < 1:
-        raise ConfigError(f"not even one trial fits: {why} (and a GPU per worker when scale.use_gpu); the cluster "
+        raise ConfigError(f"not even one trial fits: {why} (and scale.gpus_per_worker per worker when scale.use_gpu); "
+                          f"the cluster "
                           f"has {cpus:g} CPUs and {resources.get('GPU', 0.0):g} GPUs")
     if cfg.tune.max_concurrent_trials:
         if cfg.tune.max_concurrent_trials > fits:

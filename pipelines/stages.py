@@ -15,7 +15,7 @@ from gan import storage
 from gan.config import Config
 from gan.config_loader import config_hash, flatten
 from gan.data import load_manifest, prepare, read_split
-from gan.export import ModelRangeView, served_generator
+from gan.export import ModelRangeView
 from gan.metrics import evaluator_meta, load_evaluator, load_inception, real_floor, save_evaluator, train_evaluator
 from gan.metrics.evaluator import META_FILE as EVALUATOR_META
 from gan.metrics.semi_supervised import semi_supervised_metrics
@@ -27,8 +27,7 @@ from gan.scoring import (
     score_images,
     score_points,
 )
-from pipelines import ray_train
-from pipelines.model_registry import CHAMPION, check_gate, elect_champion, git_commit, model_name, version_tags
+from pipelines import ray_train, ray_train_worker
 from pipelines.tracking import Tracker
 
 
@@ -107,7 +106,7 @@ def train_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator: d
     evaluator_dir = (evaluator or {}).get("evaluator_dir")
 
     def body(run_id: str) -> dict[str, Any]:
-        tracking = ray_train.Tracking(ctx.tracker.tracking_uri, run_id)
+        tracking = ray_train_worker.Tracking(ctx.tracker.tracking_uri, run_id)
         if cfg.tune.enabled:
             from pipelines import ray_tune
 
@@ -230,57 +229,30 @@ def evaluator_inputs(cfg: Config, dataset_hash: str) -> list[Any]:
     return [dataset_hash, cfg.eval.evaluator_epochs, cfg.eval.seed, cfg.eval.num_samples]
 
 
-def register_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], trained: dict[str, Any],
-                   evaluated: dict[str, Any]) -> dict[str, Any]:
-    """Logs the scored generator with `mlflow.pytorch.log_model`, registers it as a version of gan-<dataset>
-    tagged with its metrics and lineage, and moves `champion` to it only if it beats the champion's FID under
-    the same evaluator (else it is tagged `challenger`). `register.max_fid` refuses a model before any of that."""
-    def body(run_id: str) -> dict[str, Any]:
-        metrics = evaluated["metrics"]
-        check_gate(cfg, metrics)
-        gens, trained_cfg, extra = generators_from_checkpoint(trained["checkpoint_dir"])
-        primary = primary_generator(trained_cfg)
-        module = served_generator(gens[primary], z_dim=trained_cfg.model.z_dim, points=trained_cfg.data.is_points,
-                                  scale=extra["scale"], conditional=trained_cfg.model.conditional,
-                                  num_classes=extra["num_classes"])
-        uri = ctx.tracker.log_generator(run_id, module, module.example_inputs(),
-                                        metadata={"points": module.points, "num_classes": module.num_classes,
-                                                  "data_source": trained_cfg.data.source})
-        name = model_name(cfg)
-        tags = version_tags(metrics, evaluator_id=evaluated["evaluator_id"], dataset_hash=dataset["dataset_hash"],
-                            config_hash=config_hash(trained_cfg), git_commit=git_commit(),
-                            pipeline_run_id=ctx.parent_run_id, generator=primary, z_dim=str(trained_cfg.model.z_dim))
-        version = ctx.tracker.register_model(uri, name, tags)
-        champion = elect_champion(ctx.tracker, name, version)
-        out = {"model_name": name, "version": version, "model_uri": f"models:/{name}/{version}",
-               "champion_version": champion, "champion_uri": f"models:/{name}@{CHAMPION}",
-               "is_champion": champion == version}
-        ctx.tracker.set_tags(run_id, {k: str(v) for k, v in out.items()})
-        ctx.log(f"[register] {name} version {version} ({tags['score_metric']}={float(tags['score']):.4g}): "
-                f"{'the new champion' if champion == version else f'challenger; champion stays version {champion}'}")
-        return out
-    return run_stage(ctx, "register", body, tags={"dataset_hash": dataset["dataset_hash"]})
-
-
 def evaluate_model_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator: dict[str, Any],
                          model_uri: str) -> dict[str, Any]:
     """Scores a logged or registered generator (`models:/gan-mnist@champion`) like the evaluate stage scores a
     checkpoint: the same evaluator, sample count and seeded latents give the same numbers."""
     def body(run_id: str) -> dict[str, Any]:
-        served, shapes, metadata = ctx.tracker.load_generator(model_uri)
-        points = bool(metadata.get("points"))
-        G = ModelRangeView(served, points=points)
-        num_classes = int(metadata.get("num_classes") or 0)
-        scoring = replace(cfg, model=replace(cfg.model, z_dim=shapes[0][1], conditional=len(shapes) > 1))
-        if points:
-            metrics = score_points(G, scoring, 1.0)[0]
-        else:
-            x_train, _ = read_split(dataset["dataset_dir"], "train", verify=False)
-            metrics = score_images(G, _capped(scoring, cfg, len(x_train)), num_classes, x_train,
-                                   load_evaluator(evaluator["evaluator_dir"]))
-            metrics.update(evaluator.get("floor") or {})
+        metrics = score_model(ctx.tracker, cfg, dataset, evaluator, model_uri)
         ctx.tracker.log_metrics(run_id, metrics, step=0)
         ctx.log(f"[evaluate] {model_uri}: {metrics_line(metrics)}")
         return {"metrics": metrics, "model_uri": model_uri, "evaluator_id": evaluator.get("evaluator_id")}
     return run_stage(ctx, "evaluate", body, tags={"model_uri": model_uri, "dataset_hash": dataset["dataset_hash"],
                                                    "evaluator_id": str(evaluator.get("evaluator_id"))})
+
+
+def score_model(tracker: Tracker, cfg: Config, dataset: dict[str, Any], evaluator: dict[str, Any],
+                model_uri: str) -> dict[str, float]:
+    """The evaluation metrics of a logged or registered generator under `cfg`'s eval settings and `evaluator`."""
+    served, shapes, metadata = tracker.load_generator(model_uri)
+    points = bool(metadata.get("points"))
+    G = ModelRangeView(served, points=points)
+    num_classes = int(metadata.get("num_classes") or 0)
+    scoring = replace(cfg, model=replace(cfg.model, z_dim=shapes[0][1], conditional=len(shapes) > 1))
+    if points:
+        return score_points(G, scoring, 1.0)[0]
+    x_train, _ = read_split(dataset["dataset_dir"], "train", verify=False)
+    metrics = score_images(G, _capped(scoring, cfg, len(x_train)), num_classes, x_train,
+                           load_evaluator(evaluator["evaluator_dir"]))
+    return {**metrics, **(evaluator.get("floor") or {})}

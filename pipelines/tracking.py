@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import logging
 import os
 import random
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from mlflow import MlflowClient
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT, MLFLOW_RUN_NOTE
 
 T = TypeVar("T")
 PARENT_TAG = "mlflow.parentRunId"
@@ -50,8 +54,38 @@ def with_retries(fn: Callable[[], T], *, attempts: int = 8, base_delay: float = 
     raise AssertionError("unreachable")
 
 
-EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
-"""Opens the experiment in the MLflow UI's model training view (without it, MLflow 3 guesses and may pick GenAI)."""
+EXPERIMENT_KIND = "mlflow.experimentKind"
+EXPERIMENT_TAGS = {EXPERIMENT_KIND: "custom_model_development"}
+"""Marks the experiment as model training for MLflow's APIs and UIs that read the kind (3.17's bundled UI picks its
+GenAI or training view from a switch kept in the browser instead: `run_url` links select the training view)."""
+SYSTEM_METRICS_INTERVAL_S = 5.0
+"""How often a train run samples system/* metrics (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it)."""
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DatasetRef:
+    """A prepared dataset as MLflow shows it: a run's input (its Datasets), and what evaluation metrics were
+    measured against (the dataset beside each metric of a logged model)."""
+
+    name: str
+    """The dataset id (`digits-28-...`)."""
+    digest: str
+    """The prepared dataset's content hash (the manifest's `dataset_hash`)."""
+    source: str
+    """Where the shards are: a local folder or a URI (s3://...)."""
+    profile: dict[str, Any] | None = None
+    """Shown as the dataset's profile: counts per split, shape."""
+
+    @property
+    def mlflow_digest(self) -> str:
+        """The hash as MLflow stores it (it refuses digests longer than 36 characters)."""
+        return self.digest[:36]
+
+    def entity(self) -> Dataset:
+        scheme = self.source.split("://")[0] if "://" in self.source else "local"
+        return Dataset(self.name, self.mlflow_digest, "local" if scheme == "file" else scheme,
+                       json.dumps({"uri": self.source}), profile=json.dumps(self.profile) if self.profile else None)
 
 
 class Tracker:
@@ -65,6 +99,11 @@ class Tracker:
         """The experiment's id, created on first use (artifacts beside a SQLite store, not in ./mlruns)."""
         found = with_retries(lambda: self.client.get_experiment_by_name(name))
         if found is not None:
+            # Experiments made before the kind tag, or left to the UI's guess, get it; a kind someone chose stays.
+            kind = found.tags.get(EXPERIMENT_KIND, "")
+            if not kind or kind.endswith("_inferred"):
+                with_retries(lambda: self.client.set_experiment_tag(found.experiment_id, EXPERIMENT_KIND,
+                                                                    EXPERIMENT_TAGS[EXPERIMENT_KIND]))
             return found.experiment_id
         location = None
         if self.tracking_uri.startswith("sqlite:///"):
@@ -93,10 +132,45 @@ class Tracker:
         for i in range(0, len(items), 100):
             with_retries(lambda chunk=items[i:i + 100]: self.client.log_batch(run_id, params=chunk))
 
-    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int) -> None:
+    def log_metrics(self, run_id: str, metrics: dict[str, float], step: int, *, model_id: str | None = None,
+                    dataset: DatasetRef | None = None) -> None:
+        """Metrics of the run; with `model_id` also of that logged model (its columns on the experiment's Models
+        tab), measured on `dataset` when given."""
         now = int(time.time() * 1000)
-        items = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        linked = {"model_id": model_id, "dataset_name": dataset and dataset.name,
+                  "dataset_digest": dataset and dataset.mlflow_digest}
+        items = [Metric(k, float(v), now, step, **linked) for k, v in metrics.items()]
         with_retries(lambda: self.client.log_batch(run_id, metrics=items))
+
+    def log_dataset(self, run_id: str, dataset: DatasetRef, context: str = "train") -> None:
+        """The dataset as the run's input (the run's Datasets in the UI)."""
+        item = DatasetInput(dataset.entity(), tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+        with_retries(lambda: self.client.log_inputs(run_id, datasets=[item]))
+
+    def set_note(self, run_id: str, markdown: str) -> None:
+        """The run's description in the UI (markdown)."""
+        self.set_tags(run_id, {MLFLOW_RUN_NOTE: markdown})
+
+    @contextlib.contextmanager
+    def system_metrics(self, run_id: str, interval_s: float = SYSTEM_METRICS_INTERVAL_S) -> Iterator[None]:
+        """MLflow's own monitor (the one `start_run(log_system_metrics=True)` starts) logging `system/*` metrics into
+        `run_id` every `interval_s` while the block runs: CPU, memory, disk, network, and GPU when pynvml finds
+        one. Needs psutil; without it the block runs unmonitored, with a warning. A resumed run continues the
+        steps. The monitor also stops by itself once the run is no longer RUNNING."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(run_id, sampling_interval=interval_s, resume_logging=True,
+                                           tracking_uri=self.tracking_uri)
+        except ImportError as err:
+            logger.warning("no system metrics for run %s: %s", run_id, err)
+            yield
+            return
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
         items = [RunTag(k, str(v)) for k, v in tags.items()]
@@ -139,6 +213,9 @@ class Tracker:
     def artifact_paths(self, run_id: str, path: str | None = None) -> list[str]:
         return [a.path for a in with_retries(lambda: self.client.list_artifacts(run_id, path))]
 
+    def download_artifact(self, run_id: str, path: str, dst_dir: str | Path) -> Path:
+        return Path(with_retries(lambda: self.client.download_artifacts(run_id, path, str(dst_dir))))
+
     def find_runs(self, experiment: str, tags: dict[str, str], status: str | None = None) -> list[Any]:
         """Runs of `experiment` carrying all `tags` (and in `status` when given), newest first."""
         found = with_retries(lambda: self.client.get_experiment_by_name(experiment))
@@ -153,9 +230,14 @@ class Tracker:
     # Registry: the generator as an MLflow model, its versions and the champion alias.
 
     def log_generator(self, run_id: str, module: Any, example_inputs: tuple[Any, ...], name: str = "generator",
-                      metadata: dict[str, Any] | None = None) -> str:
+                      metadata: dict[str, Any] | None = None, *, metrics: dict[str, float] | None = None,
+                      dataset: DatasetRef | None = None, files: Sequence[str | Path] = (),
+                      tags: dict[str, Any] | None = None) -> str:
         """Logs a torch module with `mlflow.pytorch.log_model` (pt2, with a tensor signature taken from the example
-        inputs and the module's output on them) into `run_id`; returns the model URI."""
+        inputs and the module's output on them) into `run_id`; returns the model URI (`models:/<model id>`).
+
+        `metrics` (measured on `dataset`) go to the run and to the logged model, `files` (a sample grid) among the
+        model's artifacts, `tags` on the logged model: the experiment's Models tab lists and sorts by them."""
         import mlflow
         import mlflow.pytorch
         import numpy as np
@@ -169,35 +251,53 @@ class Tracker:
         signature = ModelSignature(
             inputs=Schema([TensorSpec(x.dtype, (-1, *x.shape[1:]), names[i]) for i, x in enumerate(example_inputs)]),
             outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *output.shape[1:]), "sample")]))
-        mlflow.set_tracking_uri(self.tracking_uri)
-        # The fluent API logs into the active run; resuming ours ends it FINISHED on exit, and the stage
-        # sets the final status afterwards anyway.
-        with mlflow.start_run(run_id=run_id):
+        # The fluent API logs into the active run; resuming ours ends it FINISHED on exit, and the stage sets the
+        # final status afterwards anyway.
+        with self._fluent_store(), mlflow.start_run(run_id=run_id):
             info = with_retries(lambda: mlflow.pytorch.log_model(
                 module, name=name, signature=signature, input_example=example_inputs,
                 serialization_format="pt2", pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"],
-                metadata=metadata))
+                metadata=metadata, tags={k: str(v) for k, v in (tags or {}).items()} or None))
+        if metrics:
+            self.log_metrics(run_id, metrics, step=0, model_id=info.model_id, dataset=dataset)
+        for path in files:
+            with_retries(lambda path=path: self.client.log_model_artifact(info.model_id, str(path)))
         return info.model_uri
 
     def load_generator(self, model_uri: str) -> tuple[Any, list[tuple[int, ...]], dict[str, Any]]:
-        """A logged or registered generator (`models:/gan-mnist@champion`, `models:/gan-mnist/3`, `runs:/...`):
-        the module, its input shapes from the signature, and its metadata."""
+        """A logged or registered generator (`models:/gan-mnist-28px@champion`, `models:/gan-mnist-28px/3`,
+        `runs:/...`): the module, its input shapes from the signature, and its metadata."""
         import mlflow
         import mlflow.pytorch
 
-        mlflow.set_tracking_uri(self.tracking_uri)
-        info = with_retries(lambda: mlflow.models.get_model_info(model_uri))
+        with self._fluent_store():
+            info = with_retries(lambda: mlflow.models.get_model_info(model_uri))
+            module = with_retries(lambda: mlflow.pytorch.load_model(model_uri))
         shapes = [tuple(spec.shape) for spec in info.signature.inputs.inputs]
-        return with_retries(lambda: mlflow.pytorch.load_model(model_uri)), shapes, dict(info.metadata or {})
+        return module, shapes, dict(info.metadata or {})
 
     def register_model(self, model_uri: str, name: str, tags: dict[str, Any]) -> str:
         """A new version of registered model `name` (created on first use) with `tags`; returns the version."""
         import mlflow
 
-        mlflow.set_tracking_uri(self.tracking_uri)
         str_tags = {k: str(v) for k, v in tags.items()}
-        version = with_retries(lambda: mlflow.register_model(model_uri, name, tags=str_tags))
+        with self._fluent_store():
+            version = with_retries(lambda: mlflow.register_model(model_uri, name, tags=str_tags))
         return str(version.version)
+
+    @contextlib.contextmanager
+    def _fluent_store(self) -> Iterator[None]:
+        """This store as the global one of MLflow's fluent API for the block. set_tracking_uri also exports
+        MLFLOW_TRACKING_URI, which would send every later default_tracking_uri() of this process (and the Ray
+        workers it starts) to this store: both are put back."""
+        import mlflow
+
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(self.tracking_uri)
+        try:
+            yield
+        finally:
+            mlflow.set_tracking_uri(previous)
 
     def model_versions(self, name: str) -> list[Any]:
         return with_retries(lambda: self.client.search_model_versions(f"name='{name}'"))
@@ -216,11 +316,16 @@ class Tracker:
         with_retries(lambda: self.client.set_registered_model_alias(name, alias, version),
                      also=("unique constraint", "duplicate entry"))
 
+    def set_version_description(self, name: str, version: str, markdown: str) -> None:
+        with_retries(lambda: self.client.update_model_version(name, version, description=markdown))
+
     def set_version_tags(self, name: str, version: str, tags: dict[str, Any]) -> None:
         for k, v in tags.items():
             with_retries(lambda k=k, v=v: self.client.set_model_version_tag(name, version, k, str(v)))
 
     def run_url(self, run_id: str, ui: str = "http://127.0.0.1:5000") -> str:
+        """The run's page in the model training view (MLflow 3.17's UI otherwise opens on the GenAI view it keeps in
+        the browser, whatever the experiment's kind tag says)."""
         info = self.run(run_id).info
         base = self.tracking_uri if self.tracking_uri.startswith("http") else ui
-        return f"{base.rstrip('/')}/#/experiments/{info.experiment_id}/runs/{run_id}"
+        return f"{base.rstrip('/')}/#/experiments/{info.experiment_id}/runs/{run_id}?workflowType=machine_learning"

@@ -97,13 +97,13 @@ def train_in_trial(cfg: Config, split: tuple[np.ndarray, np.ndarray | None], *, 
         y = keep_labels(y, cfg.model.labels, cfg.train.seed)
     scores = None
     if cfg.train.scores:
-        scores = ray_train_worker.InTrainingScores(cfg, 0, 1, dataset_dir, evaluator_dir)
+        scores = ray_train_worker.InTrainingScores(cfg, 0, 1, dataset_dir, evaluator_dir, device=device)
     report = ray_train_worker.WorkerReport(0, tracking, scores, send=send, progress=False)
 
-    def timed_report(metrics: dict[str, float], checkpoint_dir: str | None) -> None:
+    def timed_report(metrics: dict[str, float], checkpoint_dir: str | None) -> bool:
         clock.report_arrived(metrics)
         try:
-            report(metrics, checkpoint_dir)
+            return report(metrics, checkpoint_dir)
         finally:
             clock.report_done(report.last)
 
@@ -111,9 +111,10 @@ def train_in_trial(cfg: Config, split: tuple[np.ndarray, np.ndarray | None], *, 
         lambda e: shuffled(x, y, cfg.train.batch_size, epoch_seed(cfg.train.seed, e, 0)), manifest.scale)
     resume_dir = ray_train_worker.local_resume(resume, cfg) if resume is not None else None
     try:
-        fit(cfg, batches, spec=DataSpec.from_manifest(manifest), report=timed_report, resume=resume_dir,
-            wrap=ray_train_worker.model_wrapper(cfg, device, data_parallel=False), device=device,
-            autocast_dtype=autocast_dtype)
+        with report.monitoring():
+            fit(cfg, batches, spec=DataSpec.from_manifest(manifest), report=timed_report, resume=resume_dir,
+                wrap=ray_train_worker.model_wrapper(cfg, device, data_parallel=False), device=device,
+                autocast_dtype=autocast_dtype)
         report.finish()
     finally:
         if resume_dir is not None:

@@ -18,6 +18,7 @@ from gan import storage
 from gan.config import Config
 from gan.config_loader import flatten, from_dict, to_dict
 from gan.data import DatasetError, load_manifest, verify
+from pipelines.registration import register_stage
 from pipelines.stages import (
     Context,
     StageError,
@@ -26,11 +27,10 @@ from pipelines.stages import (
     evaluator_inputs,
     evaluator_stage,
     prepare_stage,
-    register_stage,
     train_stage,
 )
 from pipelines.storage_probe import check_storage
-from pipelines.tracking import Tracker, default_tracking_uri
+from pipelines.tracking import DatasetRef, Tracker, default_tracking_uri
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ STAGES = {s.name: s for s in (
     Stage("evaluator", evaluator_stage, ("prepare",), "evaluator"),
     Stage("train", train_stage, ("prepare", "evaluator"), "trained", cpus=0.0),
     Stage("evaluate", evaluate_stage, ("prepare", "evaluator", "train"), "evaluated"),
-    Stage("register", register_stage, ("prepare", "train", "evaluate"), "registered", cpus=0.0),
+    Stage("register", register_stage, ("prepare", "evaluator", "train", "evaluate"), "registered", cpus=0.0),
 )}
 STAGE_RETRIES = 2
 """Retries of a stage task whose worker process died (a raised error is not retried: it would fail again)."""
@@ -173,8 +173,32 @@ def run_pipeline(cfg: Config, workdir: str | Path, *, storage_root: str | None =
     with tracker.ending(parent):
         for name in STAGES:
             done[name] = run_stage_task(ctx, cfg, name, done)
+        record_outcome(tracker, parent, done)
     log(f"[pipeline] finished in {time.perf_counter() - start:.1f}s")
     return {"pipeline_run_id": parent, **{STAGES[n].output: v for n, v in done.items()}}
+
+
+def dataset_ref(dataset: dict[str, Any]) -> DatasetRef:
+    """The prepare stage's dataset as an MLflow dataset: its id, content hash, shards' location and split counts."""
+    m = load_manifest(dataset["dataset_dir"])
+    profile = {"kind": m.kind, "shape": list(m.shape), **{f"{split}_count": m.count(split) for split in m.splits}}
+    return DatasetRef(m.dataset_id, m.dataset_hash, str(dataset["dataset_dir"]), profile)
+
+
+def record_outcome(tracker: Tracker, run_id: str, done: dict[str, dict[str, Any]]) -> None:
+    """What the pipeline run shows in the MLflow UI: the final evaluation metrics (sample counts in their names,
+    with the real-data floor), the prepared dataset as its input, and a description saying what was registered
+    and why it is the champion or a challenger."""
+    evaluated, registered = done["evaluate"], done["register"]
+    tracker.log_metrics(run_id, {k: v for k, v in evaluated["metrics"].items() if not k.startswith("perf/")}, step=0)
+    tracker.log_dataset(run_id, dataset_ref(done["prepare"]))
+    verdict = "champion" if registered["is_champion"] else "challenger"
+    # Outputs of a register run from before decisions were recorded carry no "decision".
+    decision = registered.get("decision") or f"{verdict.capitalize()} at registration."
+    tracker.set_note(run_id, "\n\n".join([
+        f"### {registered['model_name']} version {registered['version']}: {verdict}", decision,
+        f"Load it with `{registered['model_uri']}`, the current champion with `{registered['champion_uri']}`. "
+        f"Trained and scored on `{done['prepare']['dataset_id']}`."]))
 
 
 def evaluate_registered(cfg: Config, workdir: str | Path, model_uri: str, *, storage_root: str | None = None,

@@ -103,25 +103,28 @@ class CheckpointScorer:
     Images: FID of `train.fid_samples` samples against as many real training images (all of them when there are
     fewer), seeded by `eval.seed` so successive scores differ only by the generator. 2-D data: the mode gap,
     (1 - high-quality share) + reverse KL over modes, 0 for a perfect fit, with its two parts and the modes covered.
+    Sampling and the evaluator's features run on `device` (the worker's); the metrics on the features' CPU copies.
     """
 
-    def __init__(self, cfg: Config, dataset_dir: str | Path, evaluator_dir: str | Path | None):
+    def __init__(self, cfg: Config, dataset_dir: str | Path, evaluator_dir: str | Path | None, *,
+                 device: torch.device | str = "cpu"):
         self.cfg, self.key = cfg, score_key(cfg)
         if not cfg.data.is_points and evaluator_dir is None:
             raise ValueError(f"train.fid_every_kimg={cfg.train.fid_every_kimg:g} on image data needs an evaluator "
                              f"(evaluator_dir)")
         self.dataset_dir = str(dataset_dir)
         self.evaluator_dir = str(evaluator_dir) if evaluator_dir is not None else None
-        self.evaluator = _evaluator(self.evaluator_dir) if not cfg.data.is_points else None
+        self.device = str(torch.device(device))
+        self.evaluator = _evaluator(self.evaluator_dir, self.device) if not cfg.data.is_points else None
 
     def real(self) -> torch.Tensor:
         return _real_side(self.dataset_dir, self.evaluator_dir, self.cfg.train.fid_samples, self.cfg.eval.batch_size,
-                          self.cfg.eval.seed)
+                          self.cfg.eval.seed, self.device)
 
     @torch.no_grad()
     def __call__(self, checkpoint_dir: str | Path) -> dict[str, float]:
         gens, _, extra = generators_from_checkpoint(checkpoint_dir)
-        G = gens[primary_generator(self.cfg)]
+        G = gens[primary_generator(self.cfg)].to(self.device)
         n, seed = self.cfg.train.fid_samples, self.cfg.eval.seed
         if self.cfg.data.is_points:
             stats, _ = point_stats(G, self.cfg, extra["scale"], n)
@@ -143,13 +146,14 @@ class CheckpointScorer:
 # A process scores many checkpoints, and a Tune trial process many trials, of the same data and evaluator: both are
 # immutable once published (their folders are named by content hashes), so they are loaded once per process.
 @functools.lru_cache(maxsize=2)
-def _evaluator(evaluator_dir: str) -> torch.nn.Module:
-    return load_evaluator(evaluator_dir)
+def _evaluator(evaluator_dir: str, device: str) -> torch.nn.Module:
+    return load_evaluator(evaluator_dir, map_location=device)
 
 
 @functools.lru_cache(maxsize=2)
-def _real_side(dataset_dir: str, evaluator_dir: str, num_samples: int, batch_size: int, seed: int) -> torch.Tensor:
+def _real_side(dataset_dir: str, evaluator_dir: str, num_samples: int, batch_size: int, seed: int,
+               device: str) -> torch.Tensor:
     x, _ = read_split(load_manifest(dataset_dir), "train", verify=False)
-    features, _ = real_features(x, _evaluator(evaluator_dir), num_samples=num_samples, batch_size=batch_size,
+    features, _ = real_features(x, _evaluator(evaluator_dir, device), num_samples=num_samples, batch_size=batch_size,
                                 seed=seed)
     return features

@@ -68,6 +68,12 @@ def test_a_trial_that_cannot_fit_names_the_setting():
         max_concurrent_trials(cfg, {"CPU": 2}, in_trial=True)
     gpu = load_config(None, [*SEARCH, "scale.use_gpu=true"])
     assert max_concurrent_trials(gpu, {"CPU": 16, "GPU": 3}, in_trial=True) == 3
+    quarter = load_config(None, [*SEARCH, "scale.use_gpu=true", "scale.gpus_per_worker=0.25", "tune.num_samples=8"])
+    assert max_concurrent_trials(quarter, {"CPU": 16, "GPU": 1}, in_trial=True) == 4  # four trials share one GPU
+    assert trial_resources(quarter, in_trial=True)["GPU"] == 0.25
+    with pytest.raises(ConfigError, match="scale.gpus_per_worker per worker"):
+        max_concurrent_trials(load_config(None, [*SEARCH, "scale.use_gpu=true", "scale.gpus_per_worker=2"]),
+                              {"CPU": 16, "GPU": 1}, in_trial=True)
 
 
 def test_scores_fall_on_the_first_checkpoint_every_interval_and_the_last():

@@ -1,13 +1,16 @@
 """Tracker.ending: how a run ends is decided in one place, against a real SQLite MLflow store; and retries."""
 
+import os
 import socket
 import struct
 import threading
 
+import numpy as np
 import pytest
+import torch
 from mlflow import MlflowClient
 
-from pipelines.tracking import Tracker, with_retries
+from pipelines.tracking import Tracker, default_tracking_uri, with_retries
 
 
 def test_a_run_ends_finished_failed_with_its_error_or_stays_running(tmp_path):
@@ -70,3 +73,12 @@ def test_with_retries_does_not_repeat_retries_mlflow_has_run_out_of():
     with pytest.raises(ConnectionError, match="Max retries exceeded"):
         with_retries(refused, base_delay=0)
     assert len(calls) == 1
+
+
+def test_logging_a_generator_leaves_the_process_default_store_alone(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    module = torch.nn.Linear(4, 2)
+    tracker.log_generator(tracker.start_run("default-store", "register"), module, (np.zeros((1, 4), np.float32),))
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+    assert default_tracking_uri(tmp_path / "other") == f"sqlite:///{(tmp_path / 'other').resolve() / 'mlflow.db'}"
