@@ -9,7 +9,7 @@ from gan.config import ConfigError
 from gan.config_loader import load_config
 from gan.loop import NonFiniteLossError, fit
 from gan.metrics.in_training import TOP_CLASS_SHARE, UNSCORED, RunHealth
-from tests.unit.test_loop import SMALL, SPEC, ring_batches
+from tests.unit.gan.test_loop import SMALL, SPEC, ring_batches
 
 IMAGES = ["data.source=digits", "train.fid_every_kimg=1", "train.checkpoint_every_kimg=1"]
 

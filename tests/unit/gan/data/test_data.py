@@ -35,8 +35,8 @@ from gan.data import (
 )
 from gan.data.prepare import dataset_id
 
-REPO = Path(__file__).resolve().parents[2]
-MNIST_T10K = Path(__file__).resolve().parents[3] / "shared" / "data" / "mnist-t10k"
+REPO = Path(__file__).resolve().parents[4]
+MNIST_T10K = Path(__file__).resolve().parents[5] / "shared" / "data" / "mnist-t10k"
 
 
 def rows(x: np.ndarray, y: np.ndarray) -> list[bytes]:

@@ -10,7 +10,7 @@ import pytest
 from pipelines import submit
 from pipelines.cli import _parser
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 def parse(*argv: str):
