@@ -31,3 +31,8 @@ def device_layout(module: nn.Module, cfg: Config, device: torch.device) -> nn.Mo
     if device.type == "cuda" and cfg.model.family == "dcgan":
         return module.to(memory_format=torch.channels_last)
     return module
+
+
+def local_device() -> torch.device:
+    """The GPU this process sees (a Ray task or worker sees one only when it reserved it), else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
     sample.add_argument("--npy", action="store_true", help="also write the images as OUT.npy (uint8, N x C x H x W)")
     sample.add_argument("--seed", type=int, default=0, help="seed of the latents")
     sample.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or runs/)")
+    for command in (evaluate, sample):
+        command.add_argument("--device", default="cpu", help="torch device to run the generator (and the evaluator) "
+                             "on, e.g. cuda or cuda:1 (default cpu)")
     from pipelines import submit as submit_cmd
 
     submit_cmd.add_arguments(sub.add_parser("submit", help="run a pipeline command on a Ray cluster (Ray Jobs)"))
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
             from pipelines.workflow import evaluate_registered
 
             _init_ray()
-            out = evaluate_registered(cfg, Path(args.workdir), args.model, storage_root=args.storage)
+            out = evaluate_registered(cfg, Path(args.workdir), args.model, storage_root=args.storage,
+                                      device=args.device)
             print(f"[evaluate] {args.model}: {metrics_line(out['metrics'])}")
             return 0
         out = run(cfg, Path(args.workdir), args.storage)

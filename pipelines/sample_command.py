@@ -15,14 +15,16 @@ from gan.rendering import save_scatter
 from pipelines.tracking import Tracker, default_tracking_uri
 
 
-def draw(module: torch.nn.Module, shapes: list[tuple[int, ...]], metadata: dict, n: int, seed: int) -> torch.Tensor:
-    """`n` samples from seeded latents; a conditional generator cycles through its classes."""
+def draw(module: torch.nn.Module, shapes: list[tuple[int, ...]], metadata: dict, n: int, seed: int,
+         device: str = "cpu") -> torch.Tensor:
+    """`n` samples (on the CPU) from seeded latents, drawn on the CPU and run on `device`; a conditional generator
+    cycles through its classes."""
     z = torch.randn(n, shapes[0][1], generator=torch.Generator().manual_seed(seed))
     inputs = [z]
     if len(shapes) > 1:
         inputs.append(torch.arange(n) % int(metadata.get("num_classes") or 10))
     with torch.no_grad():
-        return module(*inputs).float()
+        return module.to(device)(*(x.to(device) for x in inputs)).float().cpu()
 
 
 def sample_command(args: argparse.Namespace) -> int:
@@ -37,7 +39,7 @@ def sample_command(args: argparse.Namespace) -> int:
         return 2
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    samples = draw(module, shapes, metadata, args.num, args.seed)
+    samples = draw(module, shapes, metadata, args.num, args.seed, args.device)
     if metadata.get("points"):
         source = metadata.get("data_source", "")
         centres = mode_centres(source) if source in ("ring8", "grid25") else None

@@ -15,6 +15,7 @@ from gan import storage
 from gan.config import Config
 from gan.config_loader import config_hash, flatten
 from gan.data import load_manifest, prepare, read_split
+from gan.device import local_device
 from gan.export import ModelRangeView
 from gan.metrics import evaluator_meta, load_evaluator, load_inception, real_floor, save_evaluator, train_evaluator
 from gan.metrics.evaluator import META_FILE as EVALUATOR_META
@@ -158,7 +159,7 @@ def _train_evaluator(cfg: Config, manifest: Any, directory: str) -> None:
     x_train, y_train = read_split(manifest, "train")
     x_test, y_test = read_split(manifest, "test")
     model, acc = train_evaluator(x_train, y_train, x_test, y_test, epochs=cfg.eval.evaluator_epochs,
-                                 seed=cfg.eval.seed)
+                                 seed=cfg.eval.seed, device=local_device())
     n = min(cfg.eval.num_samples, len(x_train), len(x_test))
     metrics = {"evaluator/test_accuracy": acc, **real_floor(x_train, x_test, model, num_samples=n,
                                                              batch_size=cfg.eval.batch_size, seed=cfg.eval.seed)}
@@ -173,6 +174,8 @@ def evaluate_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator
     """Scores G_ema (eval/...) and G (eval_raw/...) from the trained checkpoint; logs a sample PNG."""
     def body(run_id: str) -> dict[str, Any]:
         gens, trained_cfg, extra = generators_from_checkpoint(trained["checkpoint_dir"])
+        device = local_device()
+        gens = {name: G.to(device) for name, G in gens.items()}
         # The checkpoint's own model settings (a search may have changed them), scored under this run's eval.
         scoring = replace(trained_cfg, eval=cfg.eval)
         primary = primary_generator(scoring)
@@ -181,7 +184,7 @@ def evaluate_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator
         images = evaluator["evaluator_dir"] is not None
         if images:
             x_train, y_train = read_split(dataset["dataset_dir"], "train", verify=False)
-            net = load_evaluator(evaluator["evaluator_dir"])
+            net = load_evaluator(evaluator["evaluator_dir"], map_location=device)
             sized = _capped(scoring, cfg, len(x_train))
         for name, G in gens.items():
             prefix = "eval/" if name == primary else "eval_raw/"
@@ -192,7 +195,7 @@ def evaluate_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator
             if cfg.eval.inception_weights and name == primary:
                 # Inception features on top of the evaluator's, for numbers comparable with the literature.
                 inception = score_images(G, sized, extra["num_classes"], x_train,
-                                         load_inception(cfg.eval.inception_weights), "eval/inception_")
+                                         load_inception(cfg.eval.inception_weights).to(device), "eval/inception_")
                 metrics.update({k: v for k, v in inception.items() if "/inception_fid" in k or "_is_" in k})
         if scoring.model.semi_supervised:
             x_test, y_test = read_split(dataset["dataset_dir"], "test", verify=False)
@@ -230,11 +233,11 @@ def evaluator_inputs(cfg: Config, dataset_hash: str) -> list[Any]:
 
 
 def evaluate_model_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator: dict[str, Any],
-                         model_uri: str) -> dict[str, Any]:
+                         model_uri: str, *, device: str = "cpu") -> dict[str, Any]:
     """Scores a logged or registered generator (`models:/gan-mnist@champion`) like the evaluate stage scores a
     checkpoint: the same evaluator, sample count and seeded latents give the same numbers."""
     def body(run_id: str) -> dict[str, Any]:
-        metrics = score_model(ctx.tracker, cfg, dataset, evaluator, model_uri)
+        metrics = score_model(ctx.tracker, cfg, dataset, evaluator, model_uri, device=device)
         ctx.tracker.log_metrics(run_id, metrics, step=0)
         ctx.log(f"[evaluate] {model_uri}: {metrics_line(metrics)}")
         return {"metrics": metrics, "model_uri": model_uri, "evaluator_id": evaluator.get("evaluator_id")}
@@ -243,9 +246,11 @@ def evaluate_model_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], eva
 
 
 def score_model(tracker: Tracker, cfg: Config, dataset: dict[str, Any], evaluator: dict[str, Any],
-                model_uri: str) -> dict[str, float]:
-    """The evaluation metrics of a logged or registered generator under `cfg`'s eval settings and `evaluator`."""
+                model_uri: str, *, device: str = "cpu") -> dict[str, float]:
+    """The evaluation metrics of a logged or registered generator under `cfg`'s eval settings and `evaluator`,
+    sampled and featurised on `device`."""
     served, shapes, metadata = tracker.load_generator(model_uri)
+    served = served.to(device)
     points = bool(metadata.get("points"))
     G = ModelRangeView(served, points=points)
     num_classes = int(metadata.get("num_classes") or 0)
@@ -254,5 +259,5 @@ def score_model(tracker: Tracker, cfg: Config, dataset: dict[str, Any], evaluato
         return score_points(G, scoring, 1.0)[0]
     x_train, _ = read_split(dataset["dataset_dir"], "train", verify=False)
     metrics = score_images(G, _capped(scoring, cfg, len(x_train)), num_classes, x_train,
-                           load_evaluator(evaluator["evaluator_dir"]))
+                           load_evaluator(evaluator["evaluator_dir"], map_location=device))
     return {**metrics, **(evaluator.get("floor") or {})}

@@ -47,13 +47,16 @@ class Stage:
     cpus: float = 1.0
     """CPUs its Ray task reserves: train and register only wait on work that reserves its own (Train workers, Tune
     trials, the MLflow server)."""
+    gpu: bool = False
+    """Whether its Ray task also reserves a GPU when scale.use_gpu (the evaluator trains, and generators are
+    scored, on it)."""
 
 
 STAGES = {s.name: s for s in (
     Stage("prepare", prepare_stage, (), "dataset"),
-    Stage("evaluator", evaluator_stage, ("prepare",), "evaluator"),
+    Stage("evaluator", evaluator_stage, ("prepare",), "evaluator", gpu=True),
     Stage("train", train_stage, ("prepare", "evaluator"), "trained", cpus=0.0),
-    Stage("evaluate", evaluate_stage, ("prepare", "evaluator", "train"), "evaluated"),
+    Stage("evaluate", evaluate_stage, ("prepare", "evaluator", "train"), "evaluated", gpu=True),
     Stage("register", register_stage, ("prepare", "evaluator", "train", "evaluate"), "registered", cpus=0.0),
 )}
 STAGE_RETRIES = 2
@@ -130,7 +133,8 @@ def run_stage_task(ctx: Context, cfg: Config, name: str, done: dict[str, dict[st
         # that calls fit(): on the driver's node, losing a worker node does not take the run's controller with it.
         placement["scheduling_strategy"] = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(),
                                                                           soft=True)
-    task = _stage_task.options(num_cpus=stage.cpus, max_retries=STAGE_RETRIES, retry_exceptions=False,
+    task = _stage_task.options(num_cpus=stage.cpus, num_gpus=1 if stage.gpu and cfg.scale.use_gpu else 0,
+                               max_retries=STAGE_RETRIES, retry_exceptions=False,
                                name=f"stage-{name}", **placement)
     ref = task.remote(name, to_dict(cfg), upstream, ctx_values)
     ctx.log(f"[{name}] running as a Ray task (inputs {key})")
@@ -202,10 +206,10 @@ def record_outcome(tracker: Tracker, run_id: str, done: dict[str, dict[str, Any]
 
 
 def evaluate_registered(cfg: Config, workdir: str | Path, model_uri: str, *, storage_root: str | None = None,
-                        log: Callable[[str], None] = print) -> dict[str, Any]:
+                        log: Callable[[str], None] = print, device: str = "cpu") -> dict[str, Any]:
     """Scores a registered (or logged) generator on `cfg`'s data and evaluator: prepare and evaluator are reused
     from earlier runs when their inputs match (and their outputs are still under `storage_root`), then the model is
-    scored in its own MLflow run."""
+    scored in its own MLflow run, on `device`."""
     workdir = Path(workdir).resolve()
     root = storage.normalize(storage_root or workdir)
     check_storage(root, log=log)
@@ -218,5 +222,5 @@ def evaluate_registered(cfg: Config, workdir: str | Path, model_uri: str, *, sto
         done: dict[str, dict[str, Any]] = {}
         for name in ("prepare", "evaluator"):
             done[name] = run_stage_task(ctx, cfg, name, done)
-        out = evaluate_model_stage(ctx, cfg, done["prepare"], done["evaluator"], model_uri)
+        out = evaluate_model_stage(ctx, cfg, done["prepare"], done["evaluator"], model_uri, device=device)
     return out

@@ -93,6 +93,7 @@ def _augment(x: Tensor, gen: torch.Generator, max_shift: float = 2.0, max_scale:
     theta = torch.zeros(b, 2, 3)
     theta[:, 0, 0] = theta[:, 1, 1] = scale
     theta[:, :, 2] = shift
+    theta = theta.to(x.device)
     grid = F.affine_grid(theta, list(x.shape), align_corners=False)
     return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
 
@@ -109,10 +110,12 @@ def accuracy(model: nn.Module, x_uint8: np.ndarray | Tensor, y: np.ndarray | Ten
 
 def train_evaluator(x_train_uint8: np.ndarray, y_train: np.ndarray, x_test_uint8: np.ndarray, y_test: np.ndarray,
                     *, epochs: int = 10, batch_size: int = 64, lr: float = 3e-3, seed: int = 0,
-                    feature_dim: int = EVALUATOR_FEATURES, width: int = 16,
-                    augment: bool = True) -> tuple[Evaluator, float]:
-    """Trains an Evaluator on uint8 images (N, C, H, W) with labels; returns it in eval mode and its test accuracy.
-    Adam under a one-cycle schedule; the same seed gives the same weights on the CPU. The caller's RNG is untouched."""
+                    feature_dim: int = EVALUATOR_FEATURES, width: int = 16, augment: bool = True,
+                    device: torch.device | str = "cpu") -> tuple[Evaluator, float]:
+    """Trains an Evaluator on uint8 images (N, C, H, W) with labels on `device`; returns it in eval mode (on the
+    CPU) and its test accuracy. Adam under a one-cycle schedule; the same seed gives the same weights on the CPU (a
+    GPU's differ in the last bits, and so does the evaluator's id, a hash of its weights). The caller's RNG is
+    untouched."""
     x_train, y_train = torch.as_tensor(np.asarray(x_train_uint8)), torch.as_tensor(np.asarray(y_train)).long()
     if x_train.dtype != torch.uint8 or x_train.dim() != 4 or x_train.shape[2] != x_train.shape[3]:
         raise ValueError(f"x_train must be uint8 square images (N, C, H, W), got {x_train.dtype} {list(x_train.shape)}")
@@ -126,7 +129,7 @@ def train_evaluator(x_train_uint8: np.ndarray, y_train: np.ndarray, x_test_uint8
         torch.manual_seed(seed)
         gen = torch.Generator().manual_seed(seed)
         model = Evaluator(in_channels=x_train.shape[1], resolution=x_train.shape[2], num_classes=num_classes,
-                          feature_dim=feature_dim, width=width)
+                          feature_dim=feature_dim, width=width).to(device)
         opt = torch.optim.Adam(model.parameters(), lr=lr)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * steps_per_epoch)
         model.train()
@@ -135,10 +138,10 @@ def train_evaluator(x_train_uint8: np.ndarray, y_train: np.ndarray, x_test_uint8
             total = 0.0
             for i in range(steps_per_epoch):
                 idx = order[i * batch_size:(i + 1) * batch_size]
-                x = to_model_range(x_train[idx])
+                x = to_model_range(x_train[idx]).to(device)
                 if augment:
                     x = _augment(x, gen)
-                loss = F.cross_entropy(model(x), y_train[idx])
+                loss = F.cross_entropy(model(x), y_train[idx].to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -146,7 +149,7 @@ def train_evaluator(x_train_uint8: np.ndarray, y_train: np.ndarray, x_test_uint8
                 total += loss.item()
             log.info("evaluator epoch %d: loss %.4f", epoch + 1, total / steps_per_epoch)
     model.eval()
-    return model, accuracy(model, x_test_uint8, y_test)
+    return model.cpu(), accuracy(model.cpu(), x_test_uint8, y_test)
 
 
 def evaluator_id(model: nn.Module) -> str:

@@ -30,3 +30,18 @@ def test_cpu_options_wrap_a_batchnorm_model_without_deprecation_warnings(tmp_pat
 def test_cuda_options_keep_ddp_default_buckets():
     assert "bucket_cap_mb" not in ddp_options("cuda")
     assert ddp_options("cuda")["forward_sync_buffers"] is False
+
+
+def test_a_torch_without_forward_sync_buffers_gets_broadcast_buffers(monkeypatch):
+    from gan import parallel
+
+    class OlderDDP:  # DistributedDataParallel's signature before torch had forward_sync_buffers (the GPU machine's)
+        def __init__(self, module, broadcast_buffers=True, bucket_cap_mb=None, gradient_as_bucket_view=False):
+            pass
+
+    monkeypatch.setattr(parallel, "DistributedDataParallel", OlderDDP)
+    parallel._no_buffer_sync_keyword.cache_clear()
+    try:
+        assert parallel.ddp_options("cuda") == {"broadcast_buffers": False, "gradient_as_bucket_view": True}
+    finally:
+        parallel._no_buffer_sync_keyword.cache_clear()
