@@ -44,6 +44,7 @@ def test_two_workers_train_checkpoint_track_and_resume_on_rerun(ray_session, mni
     assert run.info.status == "FINISHED"
     assert run.data.params["optim.lr_g"] == "0.0002" and run.data.params["scale.num_workers"] == "2"
     assert run.data.tags["mlflow.parentRunId"] == ctx.parent_run_id
+    assert run.data.metrics["system/system_memory_usage_megabytes"] > 0, "rank 0 runs MLflow's system monitor"
     steps = kimg_steps(ctx, out["run_id"])
     assert steps == sorted(steps) and len(steps) == 4 and steps[-1] >= 2000
     for key in ("loss/d", "loss/g", "d/real", "d/fake", "grad_norm/d", "grad_norm/g", "perf/img_per_s"):
