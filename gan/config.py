@@ -19,9 +19,10 @@ POINT_SOURCES = ("ring8", "grid25")
 IMAGE_SOURCES = ("digits", "mnist", "fashion-mnist", "cifar10", "idx", "folder")
 SOURCES = POINT_SOURCES + IMAGE_SOURCES
 MODEL_FAMILIES = ("mlp", "dcgan")
-LOSSES = ("bce", "hinge", "wgan-gp", "lsgan")
+LOSSES = ("bce", "hinge", "wgan-gp", "lsgan", "rpgan")
 DCGAN_RESOLUTIONS = (28, 32, 64)
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")
 EVALUATOR_FEATURES = 128
 """Feature dimension of the trained evaluator (the space of FID, KID and precision/recall)."""
 INCEPTION_FEATURES = 2048
@@ -121,6 +122,9 @@ class ModelConfig:
     """D with K+1 outputs (K classes + fake), trained from `labels` labelled examples."""
     labels: int = 100
     """Semi-supervised: how many training examples keep their label."""
+    diffaugment: str = ""
+    """DiffAugment policies for every image D sees, comma-separated: color, translation, cutout (the paper's
+    "color,translation,cutout" for small datasets); empty: off. Image data only."""
 
     def __post_init__(self) -> None:
         _check(self.family in MODEL_FAMILIES, "model.family", f"must be one of {', '.join(MODEL_FAMILIES)}",
@@ -143,6 +147,9 @@ class ModelConfig:
                "must be 1 with model.conditional or model.semi_supervised (labels are per sample)", self.pack)
         _check(self.d_fourier_features >= 0, "model.d_fourier_features", "must be >= 0", self.d_fourier_features)
         _check(self.d_fourier_scale > 0, "model.d_fourier_scale", "must be > 0", self.d_fourier_scale)
+        policies = [p.strip() for p in self.diffaugment.split(",") if p.strip()]
+        _check(all(p in DIFFAUGMENT_POLICIES for p in policies), "model.diffaugment",
+               f"must list policies among {', '.join(DIFFAUGMENT_POLICIES)}", self.diffaugment)
         if self.family != "mlp":
             _check(not self.g_batch_norm, "model.g_batch_norm", f"is for the mlp family ({self.family}'s G has "
                    "its own normalisation)", self.g_batch_norm)
@@ -153,19 +160,23 @@ class ModelConfig:
 @dataclass(frozen=True, kw_only=True)
 class LossConfig:
     kind: str = "bce"
-    """Adversarial loss: bce (non-saturating), hinge, wgan-gp, lsgan."""
+    """Adversarial loss: bce (non-saturating), hinge, wgan-gp, lsgan, rpgan (relativistic pairing: D judges
+    D(real) - D(fake) of paired samples; with r1_gamma and r2_gamma, R3GAN's loss)."""
     gp_weight: float = 10.0
     """Gradient-penalty weight for wgan-gp."""
     n_critic: int = 1
     """D steps per G step (5 is usual for wgan-gp)."""
     r1_gamma: float = 0.0
     """R1 penalty weight on real data (0 disables it)."""
+    r2_gamma: float = 0.0
+    """R2 penalty weight: R1's gradient penalty on generated data (0 disables it)."""
 
     def __post_init__(self) -> None:
         _check(self.kind in LOSSES, "loss.kind", f"must be one of {', '.join(LOSSES)}", self.kind)
         _check(self.gp_weight >= 0, "loss.gp_weight", "must be >= 0", self.gp_weight)
         _check(self.n_critic >= 1, "loss.n_critic", "must be >= 1", self.n_critic)
         _check(self.r1_gamma >= 0, "loss.r1_gamma", "must be >= 0", self.r1_gamma)
+        _check(self.r2_gamma >= 0, "loss.r2_gamma", "must be >= 0", self.r2_gamma)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -356,6 +367,8 @@ class Config:
         if self.model.conditional or self.model.semi_supervised:
             _check(not self.data.is_points, "model.conditional", "needs labelled image data",
                    self.data.source)
+        _check(not (self.model.diffaugment and self.data.is_points), "model.diffaugment", "augments images, not "
+               "2-D points", self.model.diffaugment)
         if not self.data.is_points:
             # Fewer samples than feature dimensions leave FID's covariance singular: the number means nothing.
             features = INCEPTION_FEATURES if self.eval.inception_weights else EVALUATOR_FEATURES

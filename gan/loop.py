@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gan.augment import diff_augment
 from gan.checkpoint import load_checkpoint, save_checkpoint, unwrap
 from gan.config import Config, OptimConfig
 from gan.config_loader import to_dict
@@ -25,7 +26,7 @@ from gan.data.reader import Manifest
 from gan.data.sources import mode_centres
 from gan.models import build_models
 from gan.rendering import save_samples
-from gan.step import StepStats, d_step, ema_update, g_step
+from gan.step import Augment, StepStats, d_step, ema_update, g_step
 
 T = TypeVar("T")
 Batch = tuple[Tensor, Tensor | None]
@@ -258,7 +259,8 @@ def _precision(device: torch.device, autocast_dtype: torch.dtype | None) -> cont
 
 
 def _train_on(state: TrainState, cfg: Config, real: Tensor, y: Tensor | None, *, world_size: int,
-              precision: Callable[[], contextlib.AbstractContextManager]) -> list[tuple[str, StepStats]]:
+              precision: Callable[[], contextlib.AbstractContextManager],
+              augment: Augment | None) -> list[tuple[str, StepStats]]:
     """One D step, and the G step (with the EMA update) when one is due; counts the images shown."""
     G, D = state.G, state.D
     z = torch.randn(real.shape[0], unwrap(G).z_dim, device=real.device)
@@ -266,13 +268,15 @@ def _train_on(state: TrainState, cfg: Config, real: Tensor, y: Tensor | None, *,
     with precision():
         # When a G step follows, one G forward serves both steps (G is unchanged by the D step).
         fake = G(z, y) if g_follows else None
-        stats = [("d", d_step(G, D, state.opt_d, real, y, z, cfg.loss, fake=fake, scaler=state.scalers.get("d")))]
+        stats = [("d", d_step(G, D, state.opt_d, real, y, z, cfg.loss, fake=fake, scaler=state.scalers.get("d"),
+                              augment=augment))]
     state.d_steps += 1
     state.batch_in_epoch += 1
     state.images += real.shape[0] * world_size
     if g_follows:
         with precision():
-            g = g_step(G, D, state.opt_g, z, y, cfg.loss, fake=fake, scaler=state.scalers.get("g"))
+            g = g_step(G, D, state.opt_g, z, y, cfg.loss, fake=fake, scaler=state.scalers.get("g"), real=real,
+                       augment=augment)
         stats.append(("g", g))
         if g.finite:
             state.g_steps += 1
@@ -310,6 +314,7 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
         # Rank-specific latent streams; rank 0's is restored exactly on resume.
         torch.manual_seed(cfg.train.seed * 100_003 + rank * 7919 + state.images + 1)
     reporter = _Reporter(cfg, spec, state, report, rank=rank, device=device)
+    augment = diff_augment(cfg.model.diffaugment)
     target = math.ceil(cfg.train.kimg * 1000)
     next_log = _next_multiple(state.images, cfg.train.log_every_kimg)
     next_ckpt = _next_multiple(state.images, cfg.train.checkpoint_every_kimg)
@@ -323,7 +328,7 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
             _set_lrs(state, cfg.optim, lr_factor(cfg.optim, state.images / target))
             real = real.to(device, non_blocking=True)
             y = None if y is None else y.to(device, non_blocking=True)
-            stats = _train_on(state, cfg, real, y, world_size=world_size,
+            stats = _train_on(state, cfg, real, y, world_size=world_size, augment=augment,
                               precision=lambda: _precision(device, autocast_dtype))
             for who, s in stats:
                 reporter.window.add_step(who, s)

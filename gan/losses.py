@@ -1,4 +1,4 @@
-"""Adversarial losses on logits (bce, hinge, wgan-gp, lsgan) and the gradient penalties (WGAN-GP, R1)."""
+"""Adversarial losses on logits (bce, hinge, wgan-gp, lsgan, rpgan) and the gradient penalties (WGAN-GP, R1, R2)."""
 
 from __future__ import annotations
 
@@ -19,18 +19,25 @@ def d_loss(kind: str, real: Tensor, fake: Tensor) -> Tensor:
         return fake.mean() - real.mean()
     if kind == "lsgan":
         return 0.5 * ((real - 1.0).pow(2).mean() + fake.pow(2).mean())
-    raise ValueError(f"loss.kind must be one of bce, hinge, wgan-gp, lsgan, got {kind!r}")
+    if kind == "rpgan":  # pairs: the i-th real against the i-th fake
+        return F.softplus(fake - real).mean()
+    raise ValueError(f"loss.kind must be one of bce, hinge, wgan-gp, lsgan, rpgan, got {kind!r}")
 
 
-def g_loss(kind: str, fake: Tensor) -> Tensor:
-    """G's loss from D's realness logits of a fake batch; bce is the non-saturating -log D(G(z))."""
+def g_loss(kind: str, fake: Tensor, real: Tensor | None = None) -> Tensor:
+    """G's loss from D's realness logits of a fake batch (and, for rpgan, of the paired real batch); bce is the
+    non-saturating -log D(G(z))."""
     if kind == "bce":
         return F.softplus(-fake).mean()
     if kind in ("hinge", "wgan-gp"):
         return -fake.mean()
     if kind == "lsgan":
         return 0.5 * (fake - 1.0).pow(2).mean()
-    raise ValueError(f"loss.kind must be one of bce, hinge, wgan-gp, lsgan, got {kind!r}")
+    if kind == "rpgan":
+        if real is None:
+            raise ValueError("rpgan's G loss pairs each fake with a real sample: pass real")
+        return F.softplus(real - fake).mean()
+    raise ValueError(f"loss.kind must be one of bce, hinge, wgan-gp, lsgan, rpgan, got {kind!r}")
 
 
 def _input_grad_norm_sq(critic: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
@@ -50,3 +57,8 @@ def gradient_penalty(critic: Callable[[Tensor], Tensor], real: Tensor, fake: Ten
 def r1_penalty(critic: Callable[[Tensor], Tensor], real: Tensor) -> Tensor:
     """R1 (Mescheder et al. 2018): E[|grad_x D(x)|^2] on real data; the caller scales it by gamma / 2."""
     return _input_grad_norm_sq(critic, real).mean()
+
+
+def r2_penalty(critic: Callable[[Tensor], Tensor], fake: Tensor) -> Tensor:
+    """R2 (Huang et al. 2024, R3GAN): R1's E[|grad_x D(x)|^2] on generated data; the caller scales it by gamma / 2."""
+    return _input_grad_norm_sq(critic, fake).mean()

@@ -8,6 +8,7 @@ low precision rounds to noise), and G_ema averages the fp32 weights autocast lea
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -15,8 +16,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gan.config import LossConfig
-from gan.losses import d_loss, g_loss, gradient_penalty, r1_penalty
+from gan.losses import d_loss, g_loss, gradient_penalty, r1_penalty, r2_penalty
 from gan.models.heads import realness_logit
+
+Augment = Callable[[Tensor], Tensor]
+"""DiffAugment (gan.augment.diff_augment): a differentiable random transform of a batch of images."""
 
 
 @dataclass
@@ -69,13 +73,16 @@ def _apply(opt: torch.optim.Optimizer, module: nn.Module, loss: Tensor,
 
 def d_step(G: nn.Module, D: nn.Module, opt_d: torch.optim.Optimizer, real: Tensor, y: Tensor | None,
            z: Tensor, loss_cfg: LossConfig, fake: Tensor | None = None,
-           scaler: torch.amp.GradScaler | None = None) -> StepStats:
-    """One D update on a real batch and G(z) (or a given `fake`, detached here); G gets no gradient."""
+           scaler: torch.amp.GradScaler | None = None, augment: Augment | None = None) -> StepStats:
+    """One D update on a real batch and G(z) (or a given `fake`, detached here); G gets no gradient. `augment`
+    (DiffAugment) transforms every image D sees, the penalties' inputs included."""
     D.requires_grad_(True)
     if fake is None:
         with torch.no_grad():
             fake = G(z, y)
     fake = fake.detach()
+    if augment is not None:
+        real, fake = augment(real), augment(fake)
     out_real = D(real, y).float()
     out_fake = D(fake, y).float()
     r, f = realness_logit(out_real), realness_logit(out_fake)
@@ -88,7 +95,7 @@ def d_step(G: nn.Module, D: nn.Module, opt_d: torch.optim.Optimizer, real: Tenso
 
 
 def _penalties(D: nn.Module, real: Tensor, fake: Tensor, y: Tensor | None, loss_cfg: LossConfig) -> Tensor | float:
-    """WGAN-GP's gradient penalty and R1, weighted, in fp32 (see the module's docstring); 0 when both are off."""
+    """WGAN-GP's gradient penalty, R1 and R2, weighted, in fp32 (see the module's docstring); 0 when all are off."""
     total: Tensor | float = 0.0
     with torch.autocast(real.device.type, enabled=False):
         def critic(x: Tensor) -> Tensor:
@@ -97,6 +104,8 @@ def _penalties(D: nn.Module, real: Tensor, fake: Tensor, y: Tensor | None, loss_
             total = total + loss_cfg.gp_weight * gradient_penalty(critic, real.float(), fake.float())
         if loss_cfg.r1_gamma > 0:
             total = total + 0.5 * loss_cfg.r1_gamma * r1_penalty(critic, real.float())
+        if loss_cfg.r2_gamma > 0:
+            total = total + 0.5 * loss_cfg.r2_gamma * r2_penalty(critic, fake.float())
     return total
 
 
@@ -111,17 +120,23 @@ def _supervised_loss(out: Tensor, y: Tensor) -> Tensor:
 
 def g_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, z: Tensor, y: Tensor | None,
            loss_cfg: LossConfig, fake: Tensor | None = None,
-           scaler: torch.amp.GradScaler | None = None) -> StepStats:
+           scaler: torch.amp.GradScaler | None = None, real: Tensor | None = None,
+           augment: Augment | None = None) -> StepStats:
     """One G update through a frozen D; D's parameters get no gradient and are not all-reduced.
 
     `fake` may be G(z, y) from the D step, still attached to G's graph (the textbook loop's saving of one G
-    forward); G's weights must not have changed since it was computed."""
+    forward); G's weights must not have changed since it was computed. rpgan pairs the fakes with `real`."""
     D.requires_grad_(False)
     try:
         with _no_sync(D):
-            out_fake = D(G(z, y) if fake is None else fake, y).float()
+            fake = G(z, y) if fake is None else fake
+            out_fake = D(fake if augment is None else augment(fake), y).float()
             f = realness_logit(out_fake)
-            loss = g_loss(loss_cfg.kind, f)
+            r = None
+            if loss_cfg.kind == "rpgan" and real is not None:
+                with torch.no_grad():  # the real side holds no G parameter
+                    r = realness_logit(D(real if augment is None else augment(real), y).float())
+            loss = g_loss(loss_cfg.kind, f, r)
             norm, finite = _apply(opt_g, G, loss, scaler)
     finally:
         D.requires_grad_(True)

@@ -34,7 +34,9 @@ def test_auto_is_bf16_on_cuda_and_fp32_on_cpu():
 
 
 @pytest.mark.parametrize("loss", [["loss.kind=bce"], ["loss.kind=hinge", "loss.r1_gamma=1"],
-                                  ["loss.kind=wgan-gp", "loss.n_critic=2", "optim.beta1=0"], ["loss.kind=lsgan"]])
+                                  ["loss.kind=wgan-gp", "loss.n_critic=2", "optim.beta1=0"], ["loss.kind=lsgan"],
+                                  ["loss.kind=rpgan", "loss.r1_gamma=1", "loss.r2_gamma=1",
+                                   "model.diffaugment=color,translation,cutout"]])
 def test_bf16_autocast_runs_the_networks_low_and_the_losses_and_penalties_in_fp32(loss):
     cfg = load_config(None, [*TINY_DCGAN, "train.kimg=0.064", *loss])
     seen: list[torch.dtype] = []
@@ -57,7 +59,7 @@ def test_bf16_autocast_runs_the_networks_low_and_the_losses_and_penalties_in_fp3
     state = fit(cfg, image_batches, spec=IMAGE_SPEC, report=report, autocast_dtype=torch.bfloat16,
                 wrap=lambda m: next(wrapped)(m))
     assert torch.bfloat16 in seen, "D never ran under autocast"
-    penalised = cfg.loss.kind == "wgan-gp" or cfg.loss.r1_gamma > 0
+    penalised = cfg.loss.kind == "wgan-gp" or cfg.loss.r1_gamma > 0 or cfg.loss.r2_gamma > 0
     assert (torch.float32 in seen) == penalised, "the penalties' D forwards run in fp32, and only they"
     assert all(torch.isfinite(torch.tensor(r["loss/d"])) and torch.isfinite(torch.tensor(r["loss/g"]))
                for r in reports)

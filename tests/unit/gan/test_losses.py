@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from gan.losses import d_loss, g_loss, gradient_penalty, r1_penalty
+from gan.losses import d_loss, g_loss, gradient_penalty, r1_penalty, r2_penalty
 
 
 def sp(x: float) -> float:
@@ -32,6 +32,16 @@ def test_hinge_wgan_lsgan_closed_forms():
     assert g_loss("lsgan", fake).item() == pytest.approx(0.5 * (9 + 1) / 2)
 
 
+def test_rpgan_judges_the_difference_of_paired_logits():
+    real, fake = torch.tensor([2.0, 0.0]), torch.tensor([0.0, 1.0])
+    assert d_loss("rpgan", real, fake).item() == pytest.approx((sp(-2.0) + sp(1.0)) / 2, rel=1e-6)
+    assert g_loss("rpgan", fake, real).item() == pytest.approx((sp(2.0) + sp(-1.0)) / 2, rel=1e-6)
+    shifted = 5.0  # only differences count: adding a constant to every logit changes nothing
+    assert d_loss("rpgan", real + shifted, fake + shifted).item() == pytest.approx(d_loss("rpgan", real, fake).item())
+    with pytest.raises(ValueError, match="rpgan's G loss pairs each fake with a real sample"):
+        g_loss("rpgan", fake)
+
+
 def test_unknown_loss_is_an_error():
     with pytest.raises(ValueError, match="loss.kind"):
         d_loss("nope", torch.zeros(1), torch.zeros(1))
@@ -50,6 +60,12 @@ def test_r1_of_a_quadratic_critic_is_the_mean_squared_norm():
     critic = lambda x: 0.5 * x.flatten(1).pow(2).sum(1)  # noqa: E731
     real = torch.randn(32, 2)
     assert r1_penalty(critic, real).item() == pytest.approx(real.pow(2).sum(1).mean().item(), rel=1e-5)
+
+
+def test_r2_is_r1_on_generated_samples():
+    critic = lambda x: 0.5 * x.flatten(1).pow(2).sum(1)  # noqa: E731
+    fake = torch.randn(32, 1, 2, 2)
+    assert r2_penalty(critic, fake).item() == pytest.approx(fake.flatten(1).pow(2).sum(1).mean().item(), rel=1e-5)
 
 
 def test_penalties_are_differentiable_in_the_critic_weights():

@@ -1,10 +1,12 @@
-"""One-step isolation: a D step changes only D, a G step only G; non-finite steps change nothing; EMA."""
+"""One-step isolation: a D step changes only D, a G step only G, with every loss (R1 and R2 on) and, on images,
+DiffAugment; non-finite steps change nothing; EMA."""
 
 import copy
 
 import pytest
 import torch
 
+from gan.augment import diff_augment
 from gan.config import LossConfig, ModelConfig
 from gan.models import build_models
 from gan.step import d_step, ema_update, g_step
@@ -18,7 +20,7 @@ CASES = [
     ("mlp", (2,), 0, {"pack": 2, "d_fourier_features": 4, "g_batch_norm": True}),
     ("dcgan", (1, 28, 28), 0, {"pack": 3, "d_convs_per_stage": 2}),
 ]
-LOSSES = ["bce", "hinge", "wgan-gp", "lsgan"]
+LOSSES = ["bce", "hinge", "wgan-gp", "lsgan", "rpgan"]
 
 
 def make(family, shape, k, extra, loss):
@@ -48,7 +50,8 @@ def test_d_step_changes_only_d(family, shape, k, extra, loss):
     G, D, opt_g, opt_d, real, y, z = make(family, shape, k, extra, loss)
     g0, d0 = snapshot(G), snapshot(D)
     G.eval()  # else the no-grad forward moves G's BN statistics, which is no weight change
-    stats = d_step(G, D, opt_d, real, y, z, LossConfig(kind=loss, r1_gamma=1.0))
+    augment = diff_augment("color,translation,cutout") if len(shape) == 3 else None
+    stats = d_step(G, D, opt_d, real, y, z, LossConfig(kind=loss, r1_gamma=1.0, r2_gamma=1.0), augment=augment)
     assert stats.finite and torch.isfinite(stats.loss)
     assert same(G.state_dict(), g0)
     assert all(p.grad is None for p in G.parameters())
@@ -64,7 +67,8 @@ def test_g_step_changes_only_g_and_computes_no_d_gradient(family, shape, k, extr
     D.eval()
     g0 = snapshot(G)
     d_params = [p.detach().clone() for p in D.parameters()]
-    stats = g_step(G, D, opt_g, z, y, LossConfig(kind=loss))
+    augment = diff_augment("color,translation,cutout") if len(shape) == 3 else None
+    stats = g_step(G, D, opt_g, z, y, LossConfig(kind=loss), real=real, augment=augment)
     assert stats.finite
     assert all(torch.equal(a, b) for a, b in zip(d_params, D.parameters()))
     assert all(p.grad is None for p in D.parameters())
