@@ -18,9 +18,10 @@ from gan.tune_space import SearchConfig, check_space_values, parse_space
 POINT_SOURCES = ("ring8", "grid25")
 IMAGE_SOURCES = ("digits", "mnist", "fashion-mnist", "cifar10", "idx", "folder")
 SOURCES = POINT_SOURCES + IMAGE_SOURCES
-MODEL_FAMILIES = ("mlp", "dcgan")
+MODEL_FAMILIES = ("mlp", "dcgan", "resnet")
 LOSSES = ("bce", "hinge", "wgan-gp", "lsgan", "rpgan")
-DCGAN_RESOLUTIONS = (28, 32, 64)
+IMAGE_RESOLUTIONS = {"dcgan": (28, 32, 64), "resnet": (28, 32, 64, 128)}
+"""Image sides each conv family is built for."""
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")
 EVALUATOR_FEATURES = 128
@@ -80,7 +81,7 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     family: str = "mlp"
-    """Network family from the registry: mlp or dcgan."""
+    """Network family: mlp, dcgan, or resnet (residual G and D without normalisation, R3GAN-like; 28-128 px)."""
     z_dim: int = 100
     """Latent size."""
     latent_codes: int = 0
@@ -359,11 +360,12 @@ class Config:
         _check(self.train.batch_size // workers % self.model.pack == 0, "train.batch_size",
                f"per worker (/ scale.num_workers={workers}) must be a multiple of model.pack={self.model.pack}",
                self.train.batch_size)
-        if self.model.family == "dcgan":
-            _check(not self.data.is_points, "model.family", "dcgan needs image data, not 2-D points",
+        sides = IMAGE_RESOLUTIONS.get(self.model.family)
+        if sides is not None:
+            _check(not self.data.is_points, "model.family", f"{self.model.family} needs image data, not 2-D points",
                    self.model.family)
-            _check(self.data.resolution in DCGAN_RESOLUTIONS, "data.resolution",
-                   f"must be one of {DCGAN_RESOLUTIONS} for dcgan", self.data.resolution)
+            _check(self.data.resolution in sides, "data.resolution",
+                   f"must be one of {sides} for {self.model.family}", self.data.resolution)
         if self.model.conditional or self.model.semi_supervised:
             _check(not self.data.is_points, "model.conditional", "needs labelled image data",
                    self.data.source)

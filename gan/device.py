@@ -28,7 +28,7 @@ def prepare_process(cfg: Config, device: torch.device) -> torch.dtype | None:
 
 def device_layout(module: nn.Module, cfg: Config, device: torch.device) -> nn.Module:
     """Channels-last convolutions on CUDA (faster with autocast); the module unchanged otherwise."""
-    if device.type == "cuda" and cfg.model.family == "dcgan":
+    if device.type == "cuda" and cfg.model.family != "mlp":
         return module.to(memory_format=torch.channels_last)
     return module
 

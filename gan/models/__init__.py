@@ -1,6 +1,6 @@
-"""Network families: `build_models(cfg.model, ...) -> (G, D)` for the mlp and dcgan families; D's heads."""
+"""Network families: `build_models(cfg.model, ...) -> (G, D)` for the mlp, dcgan and resnet families; D's heads."""
 
-from gan.models import dcgan, mlp  # noqa: F401  (importing a family registers it)
+from gan.models import dcgan, mlp, resnet  # noqa: F401  (importing a family registers it)
 from gan.models.families import MODELS, build_models, register_model
 from gan.models.heads import DiscriminatorHead, GeneratorInput, apply_spectral_norm, realness_logit
 

@@ -19,6 +19,9 @@ CASES = [
     ("dcgan", (1, 28, 28), 10, {"semi_supervised": True}),
     ("mlp", (2,), 0, {"pack": 2, "d_fourier_features": 4, "g_batch_norm": True}),
     ("dcgan", (1, 28, 28), 0, {"pack": 3, "d_convs_per_stage": 2}),
+    ("resnet", (3, 32, 32), 10, {"conditional": True}),
+    ("resnet", (1, 28, 28), 10, {"semi_supervised": True}),
+    ("resnet", (1, 28, 28), 0, {"pack": 2}),
 ]
 LOSSES = ["bce", "hinge", "wgan-gp", "lsgan", "rpgan"]
 

@@ -22,7 +22,7 @@ MODES = ("plain", "conditional", "semi_supervised")
 def make(family: str = "mlp", data_shape: tuple[int, ...] = (2,), *, loss_kind: str = "bce",
          num_classes: int = K, mode: str = "plain", **kw) -> tuple[nn.Module, nn.Module]:
     flags = {"conditional": mode == "conditional", "semi_supervised": mode == "semi_supervised"}
-    if family == "dcgan":
+    if family in ("dcgan", "resnet"):
         kw = {"g_width": 8, "d_width": 8, **kw}
     model = ModelConfig(family=family, **flags, **kw)
     return build_models(model, loss_kind=loss_kind, data_shape=data_shape, num_classes=num_classes)
@@ -246,7 +246,8 @@ def test_realness_logit_closed_form():
 @pytest.mark.parametrize("loss_kind", LOSSES)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("family,data_shape", [("mlp", (2,)), ("mlp", (1, 28, 28)), ("dcgan", (1, 28, 28)),
-                                               ("dcgan", (3, 32, 32)), ("dcgan", (3, 64, 64))])
+                                               ("dcgan", (3, 32, 32)), ("dcgan", (3, 64, 64)), ("resnet", (1, 28, 28)),
+                                               ("resnet", (3, 32, 32))])
 def test_every_parameter_gets_a_gradient(family, data_shape, mode, loss_kind, spectral_norm):
     G, D = make(family, data_shape, mode=mode, loss_kind=loss_kind, spectral_norm=spectral_norm)
     z, y = latents()
