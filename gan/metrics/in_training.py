@@ -128,7 +128,7 @@ class CheckpointScorer:
         n, seed = self.cfg.train.fid_samples, self.cfg.eval.seed
         if self.cfg.data.is_points:
             stats, _ = point_stats(G, self.cfg, extra["scale"], n)
-            return {**stats.as_metrics("train/"), self.key: stats.mode_gap}
+            return stats.as_metrics("train/")  # its train/mode_gap is the score key
         num_classes = extra["num_classes"] if self.cfg.model.conditional else 0
         sample = latent_sampler(G, self.cfg.model.z_dim, num_classes)
         try:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from gan.config import ConfigError, ModelConfig
+from gan.config import ModelConfig
 from gan.models.families import register_model
-from gan.models.heads import DiscriminatorHead, GeneratorInput, apply_spectral_norm, pack_samples
+from gan.models.heads import DiscriminatorHead, GeneratorInput, apply_spectral_norm, image_shape, pack_samples
 
 # Side of G's first feature map (and D's last) -> stride-2 stages up to the resolution.
 STEM = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
@@ -99,14 +99,7 @@ class DCGANDiscriminator(nn.Module):
 def build(model: ModelConfig, *, loss_kind: str, data_shape: tuple[int, ...],
           num_classes: int) -> tuple[nn.Module, nn.Module]:
     """DCGAN (G, D) for (C, H, W) images with H == W in (28, 32, 64) and C in (1, 3)."""
-    if len(data_shape) != 3:
-        raise ConfigError(f"model.family dcgan needs image data of shape (C, H, W), got {data_shape}")
-    channels, height, width = data_shape
-    if height != width or height not in STEM:
-        raise ConfigError(f"data.resolution must be one of {tuple(STEM)} (square) for dcgan, "
-                          f"got {height}x{width}")
-    if channels not in (1, 3):
-        raise ConfigError(f"data.channels must be 1 or 3 for dcgan, got {channels}")
+    channels, height = image_shape(data_shape, "dcgan", tuple(STEM))
     G = DCGANGenerator(model.z_dim, model.g_width, channels, height, num_classes if model.conditional else 0,
                        latent_codes=model.latent_codes)
     D = DCGANDiscriminator(model.d_width, channels, height, num_classes, batch_norm=loss_kind != "wgan-gp",

@@ -8,6 +8,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
+from gan.config_checks import ConfigError
+
 LABEL_EMBED_MAX = 50
 CODE_EMBED_DIM = 8
 
@@ -135,3 +137,15 @@ def apply_spectral_norm(module: nn.Module) -> nn.Module:
         if isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
             spectral_norm(m)
     return module
+
+
+def image_shape(data_shape: tuple[int, ...], family: str, sides: tuple[int, ...]) -> tuple[int, int]:
+    """(channels, side) of the (C, H, W) images a conv family builds for; a clear error for any other shape."""
+    if len(data_shape) != 3:
+        raise ConfigError(f"model.family {family} needs image data of shape (C, H, W), got {data_shape}")
+    channels, height, width = data_shape
+    if height != width or height not in sides:
+        raise ConfigError(f"data.resolution must be one of {sides} (square) for {family}, got {height}x{width}")
+    if channels not in (1, 3):
+        raise ConfigError(f"data.channels must be 1 or 3 for {family}, got {channels}")
+    return channels, height

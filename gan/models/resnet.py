@@ -8,9 +8,9 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from gan.config import ConfigError, ModelConfig
+from gan.config import ModelConfig
 from gan.models.families import register_model
-from gan.models.heads import DiscriminatorHead, GeneratorInput, apply_spectral_norm, pack_samples
+from gan.models.heads import DiscriminatorHead, GeneratorInput, apply_spectral_norm, image_shape, pack_samples
 
 # Side of G's first feature map (and D's last) -> resolution-doubling stages.
 STEM = {28: (7, 2), 32: (4, 3), 64: (4, 4), 128: (4, 5)}
@@ -88,13 +88,7 @@ class ResNetDiscriminator(nn.Module):
 def build(model: ModelConfig, *, loss_kind: str, data_shape: tuple[int, ...],
           num_classes: int) -> tuple[nn.Module, nn.Module]:
     """Residual (G, D) for (C, H, W) images with H == W in (28, 32, 64, 128) and C in (1, 3)."""
-    if len(data_shape) != 3:
-        raise ConfigError(f"model.family resnet needs image data of shape (C, H, W), got {data_shape}")
-    channels, height, width = data_shape
-    if height != width or height not in STEM:
-        raise ConfigError(f"data.resolution must be one of {tuple(STEM)} (square) for resnet, got {height}x{width}")
-    if channels not in (1, 3):
-        raise ConfigError(f"data.channels must be 1 or 3 for resnet, got {channels}")
+    channels, height = image_shape(data_shape, "resnet", tuple(STEM))
     G = ResNetGenerator(model.z_dim, model.g_width, channels, height, num_classes if model.conditional else 0,
                         latent_codes=model.latent_codes)
     D = ResNetDiscriminator(model.d_width, channels, height, num_classes, conditional=model.conditional,
