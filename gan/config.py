@@ -18,7 +18,11 @@ from gan.tune_space import SearchConfig, check_space_values, parse_space
 POINT_SOURCES = ("ring8", "grid25")
 IMAGE_SOURCES = ("digits", "mnist", "fashion-mnist", "cifar10", "idx", "folder")
 SOURCES = POINT_SOURCES + IMAGE_SOURCES
-MODEL_FAMILIES = ("mlp", "dcgan", "resnet")
+MODEL_FAMILIES = ("mlp", "dcgan", "resnet", "ae", "vae")
+AUTOENCODER_FAMILIES = ("ae", "vae")
+"""Families trained on a reconstruction likelihood (gan.autoencoding) instead of an adversarial loss: G is the
+decoder, D the encoder."""
+LIKELIHOODS = ("bernoulli", "gaussian")
 LOSSES = ("bce", "hinge", "wgan-gp", "lsgan", "rpgan")
 IMAGE_RESOLUTIONS = {"dcgan": (28, 32, 64), "resnet": (28, 32, 64, 128)}
 """Image sides each conv family is built for."""
@@ -81,7 +85,9 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     family: str = "mlp"
-    """Network family: mlp, dcgan, or resnet (residual G and D without normalisation, R3GAN-like; 28-128 px)."""
+    """Network family: mlp, dcgan, resnet (residual G and D without normalisation, R3GAN-like; 28-128 px), ae (an MLP
+    autoencoder, a dimensionality reducer registered as its own model) or vae (a variational autoencoder, whose
+    decoder samples from the prior and is scored and registered like the GANs' G)."""
     z_dim: int = 100
     """Latent size."""
     latent_codes: int = 0
@@ -117,12 +123,38 @@ class ModelConfig:
     d_fourier_scale: float = 1.0
     """MLP D: standard deviation of the Fourier frequencies, in model-range units (the 2-D data divided by
     its scale, e.g. 5 for grid25): about 1 / (the finest length D must resolve)."""
+    d_input_noise: float = 0.0
+    """MLP D: std of the Gaussian noise added to D's input in training (model-range units, pixels in [-1, 1]); 0:
+    off. With d_hidden_noise and d_weight_norm, Salimans et al. 2016's semi-supervised D (0.6 here is their 0.3 on
+    [0, 1] pixels)."""
+    d_hidden_noise: float = 0.0
+    """MLP D: std of the Gaussian noise added to the input of every D layer after the first (the head's included)
+    in training; 0: off (Salimans et al. 2016: 0.5)."""
+    d_weight_norm: bool = False
+    """MLP D: weight normalisation (w = g v / ||v||) of every Linear layer (Salimans et al. 2016's D)."""
     conditional: bool = False
     """Class-conditional G (label embedding) and projection D; needs labelled data."""
     semi_supervised: bool = False
     """D with K+1 outputs (K classes + fake), trained from `labels` labelled examples."""
     labels: int = 100
-    """Semi-supervised: how many training examples keep their label."""
+    """Semi-supervised: how many training examples keep their label (which ones: train.seed). They form the
+    labelled pool every worker holds, and each D step adds the cross-entropy of a batch drawn from it."""
+    augment_labelled: bool = False
+    """Semi-supervised: each labelled batch gets random shifts (up to 2 px) and zooms (up to 10%), the augmentation
+    of the plain classifier it is compared with (images only)."""
+    encoder_hidden: tuple[int, ...] = (32,)
+    """ae/vae: encoder widths from the pixels towards the latent, a ReLU after each (ae: the code's too; vae: the last
+    feeds the mean and log-variance heads). (32,) with model.z_dim 128 is the reference autoencoder's
+    784 -> 32 -> 128."""
+    decoder_hidden: tuple[int, ...] = ()
+    """ae/vae: decoder widths from the latent towards the pixels, a ReLU after each; empty maps the latent straight to
+    the pixel logits (the reference autoencoder's 128 -> 784 with a sigmoid)."""
+    likelihood: str = "bernoulli"
+    """ae/vae: the decoder's likelihood of a pixel in [0, 1]: bernoulli (binary cross-entropy with the sigmoid of its
+    logit) or gaussian (mean the sigmoid of its logit; unit variance for ae, i.e. squared error, and one learned
+    variance for all pixels for vae)."""
+    beta: float = 1.0
+    """vae: weight of the KL term of the ELBO (1 is the ELBO itself; beta-VAE above 1)."""
     diffaugment: str = ""
     """DiffAugment policies for every image D sees, comma-separated: color, translation, cutout (the paper's
     "color,translation,cutout" for small datasets); empty: off. Image data only."""
@@ -143,11 +175,25 @@ class ModelConfig:
         _check(not (self.conditional and self.semi_supervised), "model.semi_supervised",
                "cannot be combined with model.conditional", self.semi_supervised)
         _check(self.labels >= 1, "model.labels", "must be >= 1", self.labels)
+        _check(not self.augment_labelled or self.semi_supervised, "model.augment_labelled",
+               "needs model.semi_supervised (it augments the labelled batches)", self.augment_labelled)
         _check(self.pack >= 1, "model.pack", "must be >= 1", self.pack)
         _check(self.pack == 1 or not (self.conditional or self.semi_supervised), "model.pack",
                "must be 1 with model.conditional or model.semi_supervised (labels are per sample)", self.pack)
         _check(self.d_fourier_features >= 0, "model.d_fourier_features", "must be >= 0", self.d_fourier_features)
         _check(self.d_fourier_scale > 0, "model.d_fourier_scale", "must be > 0", self.d_fourier_scale)
+        _check(self.d_input_noise >= 0, "model.d_input_noise", "must be >= 0", self.d_input_noise)
+        _check(self.d_hidden_noise >= 0, "model.d_hidden_noise", "must be >= 0", self.d_hidden_noise)
+        _check(not (self.d_weight_norm and self.spectral_norm), "model.d_weight_norm",
+               "cannot be combined with model.spectral_norm (both reparametrise D's weights)", self.d_weight_norm)
+        for key in ("encoder_hidden", "decoder_hidden"):
+            _check(all(w >= 1 for w in getattr(self, key)), f"model.{key}", "must be a list of positive widths",
+                   getattr(self, key))
+        _check(self.likelihood in LIKELIHOODS, "model.likelihood", f"must be one of {', '.join(LIKELIHOODS)}",
+               self.likelihood)
+        _check(self.beta > 0, "model.beta", "must be > 0", self.beta)
+        if self.family in AUTOENCODER_FAMILIES:
+            self._check_autoencoder()
         policies = [p.strip() for p in self.diffaugment.split(",") if p.strip()]
         _check(all(p in DIFFAUGMENT_POLICIES for p in policies), "model.diffaugment",
                f"must list policies among {', '.join(DIFFAUGMENT_POLICIES)}", self.diffaugment)
@@ -156,6 +202,16 @@ class ModelConfig:
                    "its own normalisation)", self.g_batch_norm)
             _check(self.d_fourier_features == 0, "model.d_fourier_features", "is for the mlp family",
                    self.d_fourier_features)
+            for key in ("d_input_noise", "d_hidden_noise", "d_weight_norm"):
+                _check(not getattr(self, key), f"model.{key}", "is for the mlp family", getattr(self, key))
+
+    def _check_autoencoder(self) -> None:
+        """The GAN-only settings mean nothing to an autoencoder: set, they are refused rather than ignored."""
+        gan_only = {"conditional": False, "semi_supervised": False, "pack": 1, "spectral_norm": False,
+                    "latent_codes": 0, "diffaugment": ""}
+        for key, off in gan_only.items():
+            _check(getattr(self, key) == off, f"model.{key}", f"is a GAN setting; the {self.family} family needs "
+                   f"{off!r}", getattr(self, key))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -171,6 +227,14 @@ class LossConfig:
     """R1 penalty weight on real data (0 disables it)."""
     r2_gamma: float = 0.0
     """R2 penalty weight: R1's gradient penalty on generated data (0 disables it)."""
+    reg_every: int = 1
+    """R1 and R2 only every this many D steps, weighted by it (StyleGAN2's lazy regularisation): each penalty's
+    double backward costs about two D steps, so 4 saves most of that time for the same expected gradient; 1: every
+    step (R3GAN). WGAN-GP's gradient penalty, part of its loss, stays on every step."""
+    feature_matching: bool = False
+    """G minimises the squared distance between the mean features of a real and a generated batch in D's last
+    hidden layer (averaged over the features) instead of its adversarial loss; D keeps `kind`'s loss. Salimans et
+    al. 2016's G for a semi-supervised GAN: it makes a worse sampler and a better classifier D."""
 
     def __post_init__(self) -> None:
         _check(self.kind in LOSSES, "loss.kind", f"must be one of {', '.join(LOSSES)}", self.kind)
@@ -178,14 +242,15 @@ class LossConfig:
         _check(self.n_critic >= 1, "loss.n_critic", "must be >= 1", self.n_critic)
         _check(self.r1_gamma >= 0, "loss.r1_gamma", "must be >= 0", self.r1_gamma)
         _check(self.r2_gamma >= 0, "loss.r2_gamma", "must be >= 0", self.r2_gamma)
+        _check(self.reg_every >= 1, "loss.reg_every", "must be >= 1", self.reg_every)
 
 
 @dataclass(frozen=True, kw_only=True)
 class OptimConfig:
     lr_g: float = 2e-4
-    """Adam learning rate of G."""
+    """Adam learning rate of G (ae/vae: of the decoder)."""
     lr_d: float = 2e-4
-    """Adam learning rate of D."""
+    """Adam learning rate of D (ae/vae: of the encoder; equal rates make the two one Adam over both)."""
     beta1: float = 0.5
     """Adam beta1 (0.5 is the DCGAN choice; 0.0 for wgan-gp)."""
     beta2: float = 0.999
@@ -227,7 +292,8 @@ class TrainConfig:
     """Fixed latents rendered in each sample grid."""
     fid_every_kimg: float = 0.0
     """In-training score every this many kimg and at the end (0: off): FID of `fid_samples` samples in the evaluator's
-    space (train/fid_2k), or for 2-D data the mode gap; a whole multiple of checkpoint_every_kimg, as it scores the
+    space (train/fid_2k), for 2-D data the mode gap, for the ae family the reconstruction error of `fid_samples`
+    training images (train/reconstruction_error); a whole multiple of checkpoint_every_kimg, as it scores the
     checkpoint. With it on, the run's result is its best-scoring checkpoint, not its last."""
     fid_samples: int = 2000
     """Generated samples per in-training score (at least 2,000: fewer gives a biased, noisy FID)."""
@@ -326,10 +392,14 @@ class ScaleConfig:
 @dataclass(frozen=True, kw_only=True)
 class RegisterConfig:
     model_name: str = ""
-    """Registered model name; empty means gan-<data.source>-<resolution>px (gan-<data.source> for 2-D data). A name
-    holds one data shape: registering another shape under it is refused."""
+    """Registered model name; empty means gan-<data.source>-<resolution>px (gan-<data.source> for 2-D data; with
+    -conditional appended for a generator that takes labels), and ae-<data.source>-<resolution>px for the ae family.
+    A semi-supervised GAN's classifier is registered as classifier-<data.source>-<resolution>px (this name with
+    -classifier appended when set). A name holds one kind of model (generator, autoencoder, classifier) and one data
+    shape: registering another under it is refused."""
     max_fid: float = 0.0
-    """Refuse to register a model whose score (FID; the mode gap for 2-D data) exceeds this (0 disables the gate)."""
+    """Refuse to register a generator whose score (FID; the mode gap for 2-D data) exceeds this (0 disables the
+    gate; autoencoders and classifiers are not gated)."""
     auto_champion: bool = True
     """Move the `champion` alias to a better version at registration. False leaves it where a person put it (so
     does the tag pinned=true on the champion version); the first version still becomes champion."""
@@ -366,6 +436,8 @@ class Config:
                    self.model.family)
             _check(self.data.resolution in sides, "data.resolution",
                    f"must be one of {sides} for {self.model.family}", self.data.resolution)
+        if self.model.family in AUTOENCODER_FAMILIES:
+            self._check_autoencoder()
         if self.model.conditional or self.model.semi_supervised:
             _check(not self.data.is_points, "model.conditional", "needs labelled image data",
                    self.data.source)
@@ -380,6 +452,28 @@ class Config:
             object.__setattr__(self, "tune", dataclasses.replace(self.tune, space=parse_space(self.tune.space,
                                                                                               _leaf_types())))
             check_space_values(self)
+            self._check_searched_families()
+
+    def _check_autoencoder(self) -> None:
+        """An autoencoder trains on its likelihood: the adversarial loss's settings are refused, not ignored."""
+        family = self.model.family
+        _check(not self.data.is_points, "model.family", f"{family} is built for images, not 2-D points", family)
+        _check(self.loss.kind == "bce", "loss.kind", f"is the adversarial loss; {family} trains on its likelihood "
+               "(model.likelihood), leave loss.kind at bce", self.loss.kind)
+        for key, off in {"n_critic": 1, "r1_gamma": 0.0, "r2_gamma": 0.0, "feature_matching": False}.items():
+            value = getattr(self.loss, key, off)
+            _check(value == off, f"loss.{key}", f"is a GAN setting; the {family} family needs {off!r}", value)
+
+    def _check_searched_families(self) -> None:
+        """A search ranks its trials by one in-training score: the ae family's is a reconstruction error, the
+        generators' a FID, so ae does not share a search with them."""
+        spec = self.tune.space.get("model.family")
+        if spec is None:
+            return
+        families = set(spec.get("choice", [])) | ({self.model.family} if "when" in spec else set())
+        _check("ae" not in families or len(families) == 1, "tune.space.model.family", "cannot mix ae with "
+               "generator families (trials are ranked by one score: ae's reconstruction error is not a FID)",
+               sorted(families))
 
 
 @functools.cache

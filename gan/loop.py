@@ -19,9 +19,11 @@ import torch
 from torch import Tensor, nn
 
 from gan.augment import diff_augment
+from gan.autoencoding import AutoencoderStats, autoencoder_step
 from gan.checkpoint import load_checkpoint, save_checkpoint, unwrap
-from gan.config import Config, OptimConfig
+from gan.config import AUTOENCODER_FAMILIES, Config, OptimConfig
 from gan.config_loader import to_dict
+from gan.data.labelled import LabelledPool
 from gan.data.reader import Manifest
 from gan.data.sources import mode_centres
 from gan.models import build_models
@@ -67,7 +69,10 @@ class DataSpec:
 
 @dataclass
 class TrainState:
-    """Everything a checkpoint holds; counters are global (all workers together)."""
+    """Everything a checkpoint holds; counters are global (all workers together).
+
+    For the autoencoder families (ae, vae) G is the decoder (a generator G(z, y) like the GANs'), D the encoder,
+    opt_g and opt_d their optimizers, and each step counts as one D and one G step."""
 
     G: nn.Module
     D: nn.Module
@@ -153,6 +158,10 @@ class _Window:
         if who == "d":
             self.add("d/real", stats.real_score)
             self.add("d/fake", stats.fake_score)
+            self.add("loss/d_supervised", stats.supervised)
+        if isinstance(stats, AutoencoderStats):
+            for key, value in stats.terms.items():
+                self.add(key, value)
 
     def flush(self) -> dict[str, float]:
         out = {k: float(v) / self.counts[k] for k, v in self.sums.items()}
@@ -260,16 +269,21 @@ def _precision(device: torch.device, autocast_dtype: torch.dtype | None) -> cont
 
 def _train_on(state: TrainState, cfg: Config, real: Tensor, y: Tensor | None, *, world_size: int,
               precision: Callable[[], contextlib.AbstractContextManager],
-              augment: Augment | None) -> list[tuple[str, StepStats]]:
-    """One D step, and the G step (with the EMA update) when one is due; counts the images shown."""
+              augment: Augment | None, labelled: LabelledPool | None = None) -> list[tuple[str, StepStats]]:
+    """One D step (with a batch of the labelled pool, when given, for a semi-supervised D), and the G step (with the
+    EMA update) when one is due; counts the images shown."""
+    if cfg.model.family in AUTOENCODER_FAMILIES:
+        return _train_autoencoder_on(state, cfg, real, world_size=world_size, precision=precision)
     G, D = state.G, state.D
     z = torch.randn(real.shape[0], unwrap(G).z_dim, device=real.device)
     g_follows = (state.d_steps + 1) % cfg.loss.n_critic == 0
     with precision():
         # When a G step follows, one G forward serves both steps (G is unchanged by the D step).
         fake = G(z, y) if g_follows else None
+        lab = (labelled.batch(state.d_steps, real.shape[0], augment=cfg.model.augment_labelled)
+               if labelled is not None else None)
         stats = [("d", d_step(G, D, state.opt_d, real, y, z, cfg.loss, fake=fake, scaler=state.scalers.get("d"),
-                              augment=augment))]
+                              augment=augment, labelled=lab, regularize=state.d_steps % cfg.loss.reg_every == 0))]
     state.d_steps += 1
     state.batch_in_epoch += 1
     state.images += real.shape[0] * world_size
@@ -280,11 +294,29 @@ def _train_on(state: TrainState, cfg: Config, real: Tensor, y: Tensor | None, *,
         stats.append(("g", g))
         if g.finite:
             state.g_steps += 1
-            if cfg.optim.ema:
-                # Ramp the decay up so G_ema tracks G from the start instead of the random init.
-                decay = min(cfg.optim.ema_decay, (1 + state.g_steps) / (10 + state.g_steps))
-                ema_update(state.G_ema, unwrap(G), decay)
+            _update_ema(state, cfg)
     return stats
+
+
+def _update_ema(state: TrainState, cfg: Config) -> None:
+    if cfg.optim.ema:
+        # Ramp the decay up so G_ema tracks G from the start instead of the random init.
+        decay = min(cfg.optim.ema_decay, (1 + state.g_steps) / (10 + state.g_steps))
+        ema_update(state.G_ema, unwrap(state.G), decay)
+
+
+def _train_autoencoder_on(state: TrainState, cfg: Config, real: Tensor, *, world_size: int,
+                          precision: Callable[[], contextlib.AbstractContextManager]) -> list[tuple[str, StepStats]]:
+    """One step of an autoencoder family on its likelihood (labels unused); the decoder's EMA follows it."""
+    stats = autoencoder_step(state.G, state.D, state.opt_g, state.opt_d, real, cfg.model, precision=precision,
+                             scaler=state.scalers.get("g"))
+    state.d_steps += 1
+    state.batch_in_epoch += 1
+    state.images += real.shape[0] * world_size
+    if stats.finite:
+        state.g_steps += 1
+        _update_ema(state, cfg)
+    return [(cfg.model.family, stats)]
 
 
 def _nonfinite_streak(streak: int, stats: list[tuple[str, StepStats]], state: TrainState, cfg: Config) -> int:
@@ -297,14 +329,19 @@ def _nonfinite_streak(streak: int, stats: list[tuple[str, StepStats]], state: Tr
 
 def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume: str | Path | None = None,
         wrap: Callable[[nn.Module], nn.Module] | None = None, device: torch.device | str = "cpu",
-        rank: int = 0, world_size: int = 1, autocast_dtype: torch.dtype | None = None) -> TrainState:
+        rank: int = 0, world_size: int = 1, autocast_dtype: torch.dtype | None = None,
+        labelled: LabelledPool | None = None) -> TrainState:
     """Trains until `train.kimg` thousand real images (all workers together) have been shown to D, or `report`
     returns True.
 
     `autocast_dtype` (gan.device.autocast_dtype: bf16 on CUDA by default) runs the steps under mixed precision;
-    fp16 adds a gradient scaler per optimizer, saved and restored with the checkpoint.
+    fp16 adds a gradient scaler per optimizer, saved and restored with the checkpoint. `labelled` (a semi-supervised
+    run's pool, gan.data.labelled) gives every D step a labelled batch as large as the local batch.
     """
+    if labelled is not None and not cfg.model.semi_supervised:
+        raise ValueError("a labelled pool is for model.semi_supervised runs")
     device = torch.device(device)
+    labelled = labelled.to(device) if labelled is not None else None
     state = build_state(cfg, spec, device=device, wrap=wrap)
     if autocast_dtype == torch.float16:  # bf16 keeps fp32's exponent range and needs no scaler
         state.scalers = {"g": torch.amp.GradScaler(device.type), "d": torch.amp.GradScaler(device.type)}
@@ -329,7 +366,7 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
             real = real.to(device, non_blocking=True)
             y = None if y is None else y.to(device, non_blocking=True)
             stats = _train_on(state, cfg, real, y, world_size=world_size, augment=augment,
-                              precision=lambda: _precision(device, autocast_dtype))
+                              precision=lambda: _precision(device, autocast_dtype), labelled=labelled)
             for who, s in stats:
                 reporter.window.add_step(who, s)
             streak = _nonfinite_streak(streak, stats, state, cfg)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -37,11 +37,23 @@ def generate(G: nn.Module, z: torch.Tensor, y: torch.Tensor | None = None, batch
         return torch.cat(outs)
 
 
-def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None) -> Path:
-    """Writes a PNG grid of images in [-1, 1] (B, C, H, W)."""
+def save_image_grid(images: torch.Tensor, path: str | Path, nrow: int | None = None,
+                    value_range: tuple[float, float] = (-1.0, 1.0)) -> Path:
+    """Writes a PNG grid of images (B, C, H, W) in `value_range`, `nrow` to a row (default: a square grid)."""
     nrow = nrow or max(1, int(np.ceil(np.sqrt(images.shape[0]))))
-    save_image(images, str(path), nrow=nrow, normalize=True, value_range=(-1.0, 1.0), padding=2)
+    save_image(images, str(path), nrow=nrow, normalize=True, value_range=value_range, padding=2)
     return Path(path)
+
+
+def class_grid_inputs(z_dim: int, classes: Sequence[int], per_class: int,
+                      seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Latents and labels of a grid with one row per class (`per_class` images, in the order of `classes`): column
+    j has the same latent in every row, so a column shows one style drawn as each class."""
+    if per_class < 1 or not classes:
+        raise ValueError(f"a class grid needs classes and per_class >= 1, got {list(classes)} and {per_class}")
+    z = torch.randn(per_class, z_dim, generator=torch.Generator().manual_seed(seed))
+    y = torch.as_tensor(list(classes), dtype=torch.int64).repeat_interleave(per_class)
+    return z.repeat(len(classes), 1), y
 
 
 def save_scatter(points: np.ndarray, path: str | Path, centres: np.ndarray | None = None,
@@ -74,19 +86,21 @@ def save_samples(G: nn.Module, z: torch.Tensor, y: torch.Tensor | None, path: st
 
 
 def save_loss_curves(history: list[dict[str, float]], path: str | Path) -> Path:
-    """Writes a PNG of loss/d, loss/g and D's mean outputs against kimg."""
+    """Writes a PNG of every loss/* series (loss/d and loss/g for a GAN; loss/vae, loss/reconstruction and loss/kl
+    for a VAE, ...) and, for a GAN, D's mean outputs, against kimg."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     kimg = [m["progress/kimg"] for m in history]
-    fig, (ax_loss, ax_d) = plt.subplots(1, 2, figsize=(10, 4), dpi=100)
-    for key in ("loss/d", "loss/g"):
-        ax_loss.plot(kimg, [m.get(key, float("nan")) for m in history], label=key)
-    for key in ("d/real", "d/fake"):
-        ax_d.plot(kimg, [m.get(key, float("nan")) for m in history], label=key)
-    for ax, title in ((ax_loss, "losses"), (ax_d, "D(x) and D(G(z))")):
+    losses = sorted({key for m in history for key in m if key.startswith("loss/")})
+    d_keys = [key for key in ("d/real", "d/fake") if any(key in m for m in history)]
+    fig, axes = plt.subplots(1, 2 if d_keys else 1, figsize=(10 if d_keys else 5, 4), dpi=100, squeeze=False)
+    panels = [(axes[0][0], losses, "losses")] + ([(axes[0][1], d_keys, "D(x) and D(G(z))")] if d_keys else [])
+    for ax, keys, title in panels:
+        for key in keys:
+            ax.plot(kimg, [m.get(key, float("nan")) for m in history], label=key)
         ax.set_xlabel("kimg")
         ax.set_title(title)
         ax.legend()

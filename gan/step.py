@@ -32,6 +32,8 @@ class StepStats:
     real_score: Tensor | None = None
     fake_score: Tensor | None = None
     finite: bool = True
+    supervised: Tensor | None = None
+    """A semi-supervised D step's cross-entropy on its labelled rows (part of `loss`)."""
 
 
 def _grad_norm(module: nn.Module) -> Tensor:
@@ -73,9 +75,14 @@ def _apply(opt: torch.optim.Optimizer, module: nn.Module, loss: Tensor,
 
 def d_step(G: nn.Module, D: nn.Module, opt_d: torch.optim.Optimizer, real: Tensor, y: Tensor | None,
            z: Tensor, loss_cfg: LossConfig, fake: Tensor | None = None,
-           scaler: torch.amp.GradScaler | None = None, augment: Augment | None = None) -> StepStats:
+           scaler: torch.amp.GradScaler | None = None, augment: Augment | None = None,
+           labelled: tuple[Tensor, Tensor] | None = None, regularize: bool = True) -> StepStats:
     """One D update on a real batch and G(z) (or a given `fake`, detached here); G gets no gradient. `augment`
-    (DiffAugment) transforms every image D sees, the penalties' inputs included."""
+    (DiffAugment) transforms every image D sees, the penalties' inputs included. R1 and R2 apply only when
+    `regularize` (every loss.reg_every-th step, weighted by it).
+
+    A semi-supervised (K+1) D adds the cross-entropy of its class logits on `labelled` (x, y), a batch of the
+    labelled pool (Salimans et al. 2016); without one, on the rows of `real` whose y is >= 0."""
     D.requires_grad_(True)
     if fake is None:
         with torch.no_grad():
@@ -86,36 +93,58 @@ def d_step(G: nn.Module, D: nn.Module, opt_d: torch.optim.Optimizer, real: Tenso
     out_real = D(real, y).float()
     out_fake = D(fake, y).float()
     r, f = realness_logit(out_real), realness_logit(out_fake)
-    loss = d_loss(loss_cfg.kind, r, f) + _penalties(D, real, fake, y, loss_cfg)
-    if out_real.dim() == 2 and y is not None:
-        loss = loss + _supervised_loss(out_real, y)
+    loss = d_loss(loss_cfg.kind, r, f) + _penalties(D, real, fake, y, loss_cfg, regularize)
+    supervised = None
+    if labelled is not None:
+        x_lab, y_lab = labelled
+        out_lab = D(x_lab if augment is None else augment(x_lab), y_lab).float()
+        supervised = F.cross_entropy(_class_logits(out_lab), y_lab)
+    elif out_real.dim() == 2 and y is not None:
+        supervised = _supervised_loss(out_real, y)
+    if supervised is not None:
+        loss = loss + supervised
     norm, finite = _apply(opt_d, D, loss, scaler)
     return StepStats(loss.detach(), norm, torch.sigmoid(r.detach()).mean(), torch.sigmoid(f.detach()).mean(),
-                     finite)
+                     finite, None if supervised is None else supervised.detach())
 
 
-def _penalties(D: nn.Module, real: Tensor, fake: Tensor, y: Tensor | None, loss_cfg: LossConfig) -> Tensor | float:
-    """WGAN-GP's gradient penalty, R1 and R2, weighted, in fp32 (see the module's docstring); 0 when all are off."""
+def _penalties(D: nn.Module, real: Tensor, fake: Tensor, y: Tensor | None, loss_cfg: LossConfig,
+               regularize: bool = True) -> Tensor | float:
+    """WGAN-GP's gradient penalty, and when `regularize` R1 and R2 weighted by loss.reg_every (lazy regularisation),
+    in fp32 (see the module's docstring); 0 when all are off."""
     total: Tensor | float = 0.0
     with torch.autocast(real.device.type, enabled=False):
         def critic(x: Tensor) -> Tensor:
             return realness_logit(D(x.float(), y))
         if loss_cfg.kind == "wgan-gp" and loss_cfg.gp_weight > 0:
             total = total + loss_cfg.gp_weight * gradient_penalty(critic, real.float(), fake.float())
-        if loss_cfg.r1_gamma > 0:
-            total = total + 0.5 * loss_cfg.r1_gamma * r1_penalty(critic, real.float())
-        if loss_cfg.r2_gamma > 0:
-            total = total + 0.5 * loss_cfg.r2_gamma * r2_penalty(critic, fake.float())
+        lazy = loss_cfg.reg_every if regularize else 0
+        if loss_cfg.r1_gamma > 0 and lazy:
+            total = total + 0.5 * loss_cfg.r1_gamma * lazy * r1_penalty(critic, real.float())
+        if loss_cfg.r2_gamma > 0 and lazy:
+            total = total + 0.5 * loss_cfg.r2_gamma * lazy * r2_penalty(critic, fake.float())
     return total
+
+
+def _class_logits(out: Tensor) -> Tensor:
+    """A semi-supervised D's (B, K) class logits from its (B, K+1) output; a clear error for any other D."""
+    if out.dim() != 2:
+        raise ValueError(f"a labelled batch needs a semi-supervised D with (B, K+1) outputs, got {tuple(out.shape)}")
+    return out[:, :-1]
 
 
 def _supervised_loss(out: Tensor, y: Tensor) -> Tensor:
     """Semi-supervised GAN: cross-entropy over the K class logits on the labelled rows (y >= 0)."""
     labelled = y >= 0
-    class_logits = out[:, :-1]
     # A batch with no labelled row still joins the graph, so every rank's D gets the same gradient set.
-    per_row = F.cross_entropy(class_logits, y.clamp(min=0), reduction="none")
+    per_row = F.cross_entropy(_class_logits(out), y.clamp(min=0), reduction="none")
     return (per_row * labelled).sum() / labelled.sum().clamp(min=1)
+
+
+def feature_matching_loss(h_real: Tensor, h_fake: Tensor) -> Tensor:
+    """||mean_b h_real - mean_b h_fake||^2 / F for (B, F) features of D's last hidden layer (Salimans et al. 2016,
+    averaged over the F features as in their code, so the scale does not grow with D's width)."""
+    return (h_real.float().mean(0) - h_fake.float().mean(0)).square().mean()
 
 
 def g_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, z: Tensor, y: Tensor | None,
@@ -125,22 +154,32 @@ def g_step(G: nn.Module, D: nn.Module, opt_g: torch.optim.Optimizer, z: Tensor, 
     """One G update through a frozen D; D's parameters get no gradient and are not all-reduced.
 
     `fake` may be G(z, y) from the D step, still attached to G's graph (the textbook loop's saving of one G
-    forward); G's weights must not have changed since it was computed. rpgan pairs the fakes with `real`."""
+    forward); G's weights must not have changed since it was computed. rpgan pairs the fakes with `real`, and
+    loss.feature_matching matches the fakes' mean features in D's last hidden layer to `real`'s instead."""
+    if loss_cfg.feature_matching and real is None:
+        raise ValueError("loss.feature_matching needs the real batch (g_step's `real`)")
     D.requires_grad_(False)
     try:
         with _no_sync(D):
             fake = G(z, y) if fake is None else fake
-            out_fake = D(fake if augment is None else augment(fake), y).float()
-            f = realness_logit(out_fake)
-            r = None
-            if loss_cfg.kind == "rpgan" and real is not None:
+            fm = loss_cfg.feature_matching
+            out_fake, h_fake = _judge(D, fake if augment is None else augment(fake), y, fm)
+            f = realness_logit(out_fake.float())
+            r = h_real = None
+            if real is not None and (loss_cfg.kind == "rpgan" or fm):
                 with torch.no_grad():  # the real side holds no G parameter
-                    r = realness_logit(D(real if augment is None else augment(real), y).float())
-            loss = g_loss(loss_cfg.kind, f, r)
+                    out_real, h_real = _judge(D, real if augment is None else augment(real), y, fm)
+                    r = realness_logit(out_real.float())
+            loss = feature_matching_loss(h_real, h_fake) if fm else g_loss(loss_cfg.kind, f, r)
             norm, finite = _apply(opt_g, G, loss, scaler)
     finally:
         D.requires_grad_(True)
     return StepStats(loss.detach(), norm, None, torch.sigmoid(f.detach()).mean(), finite)
+
+
+def _judge(D: nn.Module, x: Tensor, y: Tensor | None, features: bool) -> tuple[Tensor, Tensor | None]:
+    """D's output, and its last hidden layer's features when asked for (through D's forward, so DDP sees the call)."""
+    return D(x, y, features=True) if features else (D(x, y), None)
 
 
 @torch.no_grad()

@@ -25,11 +25,20 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--model", required=True, help="model URI, e.g. models:/gan-mnist-28px@champion")
     _config_arguments(evaluate, "the YAML preset whose data and eval settings to use",
                       "local folder of the SQLite MLflow store (when MLFLOW_TRACKING_URI is unset)")
-    sample = sub.add_parser("sample", help="draw images from a registered generator into a PNG grid")
+    sample = sub.add_parser("sample", help="draw images from a registered generator into a PNG grid",
+                            description="A conditional generator's grid has one row per class (every class, or the "
+                                        "--class ones), -n images to a row, column j drawn from the same latent in "
+                                        "every row; an unconditional one's is a square grid of -n images.")
     sample.add_argument("--model", required=True, help="model URI, e.g. models:/gan-mnist-28px@champion")
-    sample.add_argument("-n", "--num", type=int, default=64, help="how many images (default 64)")
+    sample.add_argument("-n", "--num", type=int, default=None,
+                        help="images per class for a conditional generator (default 8), in all otherwise (default 64)")
+    sample.add_argument("--class", dest="classes", type=int, action="append", default=None, metavar="K",
+                        help="draw class K only (repeatable, one grid row per class, in the order given; "
+                             "conditional generators only; default: every class)")
     sample.add_argument("--out", required=True, help="PNG file to write")
-    sample.add_argument("--npy", action="store_true", help="also write the images as OUT.npy (uint8, N x C x H x W)")
+    sample.add_argument("--npy", action="store_true",
+                        help="also write the images as OUT.npy (uint8, N x C x H x W, row by row) and, for a "
+                             "conditional generator, the class asked of each as OUT.labels.npy")
     sample.add_argument("--seed", type=int, default=0, help="seed of the latents")
     sample.add_argument("--tracking-uri", default=None, help="MLflow store (default: $MLFLOW_TRACKING_URI or runs/)")
     for command in (evaluate, sample):
@@ -82,8 +91,15 @@ def _summary(cfg: Config, out: dict) -> None:
           f"{' (the new champion)' if registered['is_champion'] else ' (challenger)'}; "
           f"champion: {registered['champion_uri']} = version {registered['champion_version']}")
     print(f"[pipeline] evaluation of {evaluated['generator']}: {metrics_line(evaluated['metrics'])}")
-    print(f"[pipeline] sample it: python -m pipelines sample --model {registered['champion_uri']} -n 64 "
-          f"--out grid.png")
+    if "decoder_uri" in registered:  # an autoencoder: its decoder of prior samples means nothing, so no `sample`
+        print(f"[pipeline] load it: mlflow.pytorch.load_model({registered['champion_uri']!r}) encodes [0, 1] images; "
+              f"this version's decoder is {registered['decoder_uri']}")
+    else:
+        print(f"[pipeline] sample it: python -m pipelines sample --model {registered['champion_uri']} -n 64 "
+              f"--out grid.png")
+    if "classifier_champion_uri" in registered:
+        print(f"[pipeline] its classifier: mlflow.pytorch.load_model({registered['classifier_champion_uri']!r}) "
+              f"gives class logits of [0, 1] images")
     print(f"[pipeline] compare runs and pick the champion in the MLflow UI: `make ui` -> http://127.0.0.1:5000 "
           f"(experiment {cfg.name!r}, model {registered['model_name']!r})")
 

@@ -29,7 +29,7 @@ from gan.config import Config, ConfigError
 from gan.config_loader import to_dict
 from gan.data import keep_labels, load_manifest, shard_files
 from gan.loop import NonFiniteLossError
-from gan.metrics.in_training import best_scored, score_key
+from gan.metrics.in_training import best_scored, needs_evaluator, score_key
 from pipelines import ray_compat
 from pipelines.ray_train_worker import Tracking, train_loop_per_worker
 
@@ -117,7 +117,7 @@ def build_trainer(cfg: Config, dataset_dir: str | Path, *, storage_path: str | P
     group id there (a location under the storage root), for a caller that may have to remove it. `diverged_file`:
     where rank 0 records a NonFiniteLossError instead of raising it (see ray_train_worker.train_loop_per_worker)."""
     manifest = load_manifest(dataset_dir)
-    if cfg.train.scores and not cfg.data.is_points and evaluator_dir is None:
+    if cfg.train.scores and needs_evaluator(cfg) and evaluator_dir is None:
         raise ConfigError(f"train.fid_every_kimg={cfg.train.fid_every_kimg:g} scores images with the evaluator: "
                           f"pass evaluator_dir")
     resources = {"CPU": cfg.scale.cpus_per_worker, **({"GPU": cfg.scale.gpus_per_worker} if cfg.scale.use_gpu else {}),

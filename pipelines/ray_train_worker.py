@@ -29,6 +29,7 @@ from gan.config import Config
 from gan.config_loader import from_dict
 from gan.data import decode, load_manifest, to_model_range
 from gan.data.batches import epoch_seed, shuffled
+from gan.data.labelled import read_labelled_pool
 from gan.device import device_layout, prepare_process
 from gan.loop import DataSpec, NonFiniteLossError, fit
 from gan.metrics.in_training import UNSCORED, CheckpointScorer, RunHealth, ScoreSchedule, score_key
@@ -101,8 +102,8 @@ class WorkerReport:
         if self.progress:
             ray_compat.print_unforwarded(
                 f"[train] {metrics['progress/kimg']:8.2f} kimg  {metrics['perf/img_per_s']:8.0f} img/s  "
-                f"loss/d {metrics.get('loss/d', float('nan')):.3f}  loss/g {metrics.get('loss/g', float('nan')):.3f}"
-                f"{'  checkpoint' if checkpoint_dir else ''}")
+                + "  ".join(f"{k} {v:.3f}" for k, v in metrics.items() if k.startswith("loss/"))  # the family's
+                + ("  checkpoint" if checkpoint_dir else ""))
         if self.tracker is not None:
             self.history.append(metrics)
             self.tracker.log_metrics(self.run_id, metrics, step=images)
@@ -218,7 +219,9 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         with report.monitoring():
             fit(cfg, _batches(cfg, manifest, rank, world_size), spec=DataSpec.from_manifest(manifest),
                 report=report, resume=resume, wrap=model_wrapper(cfg, device, data_parallel=True), device=device,
-                rank=rank, world_size=world_size, autocast_dtype=autocast_dtype)
+                rank=rank, world_size=world_size, autocast_dtype=autocast_dtype,
+                labelled=read_labelled_pool(manifest, labels=cfg.model.labels, seed=cfg.train.seed, rank=rank)
+                if cfg.model.semi_supervised else None)
         report.finish()
     except NonFiniteLossError as err:
         # Final: Train's FailureConfig retries every worker error alike, and a diverged run diverges again from

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gan import storage
+from gan.autoencoding import reconstruction_metrics
 from gan.config import Config
 from gan.config_loader import config_hash, flatten
 from gan.data import load_manifest, prepare, read_split
@@ -21,14 +22,17 @@ from gan.metrics import evaluator_meta, load_evaluator, load_inception, real_flo
 from gan.metrics.evaluator import META_FILE as EVALUATOR_META
 from gan.metrics.semi_supervised import semi_supervised_metrics
 from gan.scoring import (
+    autoencoder_from_checkpoint,
     discriminator_from_checkpoint,
     generators_from_checkpoint,
     primary_generator,
+    save_reconstruction_png,
     save_sample_png,
     score_images,
     score_points,
 )
 from pipelines import ray_train, ray_train_worker
+from pipelines.model_registry import heldout_protocol
 from pipelines.tracking import Tracker
 
 
@@ -129,14 +133,19 @@ def train_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator: d
 
 def evaluator_stage(ctx: Context, cfg: Config, dataset: dict[str, Any]) -> dict[str, Any]:
     """Trains the feature network of FID/IS/KID on the real training split, records its test accuracy, id and
-    the real-vs-real floor; reused without retraining while the data and the evaluator settings are unchanged."""
+    the real-vs-real floor; reused without retraining while the data and the evaluator settings are unchanged.
+    2-D data (the mode metrics) and the ae family (its reconstruction error on the test split) need none."""
     manifest = load_manifest(dataset["dataset_dir"])
-    if manifest.kind == "points":
-        def modes(run_id: str) -> dict[str, Any]:
-            ctx.log("[evaluator] 2-D data: scored by the mode metrics, no feature network to train")
-            ctx.tracker.set_tags(run_id, {"evaluator_id": "modes", "dataset_hash": manifest.dataset_hash})
-            return {"evaluator_dir": None, "evaluator_id": "modes"}
-        return run_stage(ctx, "evaluator", modes, tags={"dataset_hash": manifest.dataset_hash})
+    if manifest.kind == "points" or cfg.model.family == "ae":
+        points = manifest.kind == "points"
+        evaluator_id = "modes" if points else heldout_protocol(manifest.dataset_hash)
+
+        def without(run_id: str) -> dict[str, Any]:
+            ctx.log("[evaluator] " + ("2-D data: scored by the mode metrics" if points else "ae: scored by its "
+                    "reconstruction error on the test split") + ", no feature network to train")
+            ctx.tracker.set_tags(run_id, {"evaluator_id": evaluator_id, "dataset_hash": manifest.dataset_hash})
+            return {"evaluator_dir": None, "evaluator_id": evaluator_id}
+        return run_stage(ctx, "evaluator", without, tags={"dataset_hash": manifest.dataset_hash})
     key = hashlib.sha256(json.dumps(evaluator_inputs(cfg, manifest.dataset_hash)).encode()).hexdigest()[:12]
     directory = ctx.location("evaluators", f"{manifest.dataset_id}-{key}")
 
@@ -171,7 +180,13 @@ def _train_evaluator(cfg: Config, manifest: Any, directory: str) -> None:
 
 def evaluate_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator: dict[str, Any],
                    trained: dict[str, Any]) -> dict[str, Any]:
-    """Scores G_ema (eval/...) and G (eval_raw/...) from the trained checkpoint; logs a sample PNG."""
+    """Scores G_ema (eval/...) and G (eval_raw/...) from the trained checkpoint; logs a sample PNG. A VAE also gets
+    its reconstruction error on the test split; the ae family, not a generator, gets only that
+    (`evaluate_autoencoder`)."""
+    if cfg.model.family == "ae":
+        return run_stage(ctx, "evaluate", lambda run_id: evaluate_autoencoder(ctx, run_id, cfg, dataset, trained),
+                         tags={"dataset_hash": dataset["dataset_hash"]})
+
     def body(run_id: str) -> dict[str, Any]:
         gens, trained_cfg, extra = generators_from_checkpoint(trained["checkpoint_dir"])
         device = local_device()
@@ -202,6 +217,8 @@ def evaluate_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator
             metrics.update(semi_supervised_metrics(discriminator_from_checkpoint(trained["checkpoint_dir"]),
                                                    x_train, y_train, x_test, y_test, labels=scoring.model.labels,
                                                    seed=scoring.train.seed))
+        if scoring.model.family == "vae":
+            metrics.update(_test_reconstruction(cfg, dataset, trained, device)[0])
         metrics["perf/eval_seconds"] = time.perf_counter() - start
         metrics.update(evaluator.get("floor") or {})
         ctx.tracker.log_metrics(run_id, metrics, step=0)
@@ -214,6 +231,33 @@ def evaluate_stage(ctx: Context, cfg: Config, dataset: dict[str, Any], evaluator
         ctx.log(f"[evaluate] {metrics_line(metrics)}")
         return {"metrics": metrics, **tags}
     return run_stage(ctx, "evaluate", body, tags={"dataset_hash": dataset["dataset_hash"]})
+
+
+def _test_reconstruction(cfg: Config, dataset: dict[str, Any], trained: dict[str, Any], device: Any
+                         ) -> tuple[dict[str, float], Any, Any, Any]:
+    """An autoencoder checkpoint's reconstruction metrics on the test split, its encoder and decoder, and the split."""
+    encoder, decoder, _, _ = autoencoder_from_checkpoint(trained["checkpoint_dir"])
+    encoder, decoder = encoder.to(device), decoder.to(device)
+    x_test, _ = read_split(dataset["dataset_dir"], "test", verify=False)
+    return reconstruction_metrics(encoder, decoder, x_test, batch_size=cfg.eval.batch_size), encoder, decoder, x_test
+
+
+def evaluate_autoencoder(ctx: Context, run_id: str, cfg: Config, dataset: dict[str, Any],
+                         trained: dict[str, Any]) -> dict[str, Any]:
+    """The evaluate stage's body for the ae family: eval/reconstruction_error (the mean squared error per pixel in
+    [0, 1], its score) and eval/reconstruction_bce on the whole test split, under the split's protocol id; logs a PNG
+    of test images above their reconstructions."""
+    start = time.perf_counter()
+    metrics, encoder, decoder, x_test = _test_reconstruction(cfg, dataset, trained, local_device())
+    metrics["perf/eval_seconds"] = time.perf_counter() - start
+    ctx.tracker.log_metrics(run_id, metrics, step=0)
+    tags = {"evaluator_id": heldout_protocol(dataset["dataset_hash"]), "generator": "G",
+            "checkpoint": trained["checkpoint_dir"]}
+    ctx.tracker.set_tags(run_id, tags)
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx.tracker.log_artifact(run_id, save_reconstruction_png(encoder, decoder, x_test, Path(tmp) / "samples.png"))
+    ctx.log(f"[evaluate] {metrics_line(metrics)}")
+    return {"metrics": metrics, **tags}
 
 
 def _capped(scoring: Config, cfg: Config, real_count: int) -> Config:

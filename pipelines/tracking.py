@@ -227,14 +227,17 @@ class Tracker:
         return with_retries(lambda: self.client.search_runs(
             [found.experiment_id], " and ".join(clauses), order_by=["attributes.start_time DESC"], max_results=50))
 
-    # Registry: the generator as an MLflow model, its versions and the champion alias.
+    # Registry: a trained network (a generator, an autoencoder's encoder and decoder, a classifier) as an MLflow
+    # model, its versions and the champion alias.
 
-    def log_generator(self, run_id: str, module: Any, example_inputs: tuple[Any, ...], name: str = "generator",
-                      metadata: dict[str, Any] | None = None, *, metrics: dict[str, float] | None = None,
-                      dataset: DatasetRef | None = None, files: Sequence[str | Path] = (),
-                      tags: dict[str, Any] | None = None) -> str:
+    def log_model(self, run_id: str, module: Any, example_inputs: tuple[Any, ...], name: str = "generator",
+                  metadata: dict[str, Any] | None = None, *, metrics: dict[str, float] | None = None,
+                  dataset: DatasetRef | None = None, files: Sequence[str | Path] = (),
+                  tags: dict[str, Any] | None = None, input_names: Sequence[str] = ("z", "y"),
+                  output_name: str = "sample") -> str:
         """Logs a torch module with `mlflow.pytorch.log_model` (pt2, with a tensor signature taken from the example
-        inputs and the module's output on them) into `run_id`; returns the model URI (`models:/<model id>`).
+        inputs, named `input_names`, and the module's output on them, named `output_name`) into `run_id`; returns the
+        model URI (`models:/<model id>`). The defaults name a generator's inputs and output.
 
         `metrics` (measured on `dataset`) go to the run and to the logged model, `files` (a sample grid) among the
         model's artifacts, `tags` on the logged model: the experiment's Models tab lists and sorts by them."""
@@ -245,12 +248,11 @@ class Tracker:
         from mlflow.models import ModelSignature
         from mlflow.types import Schema, TensorSpec
 
-        names = ["z", "y"]
         with torch.no_grad():
             output = module(*(torch.from_numpy(x) for x in example_inputs)).numpy()
         signature = ModelSignature(
-            inputs=Schema([TensorSpec(x.dtype, (-1, *x.shape[1:]), names[i]) for i, x in enumerate(example_inputs)]),
-            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *output.shape[1:]), "sample")]))
+            inputs=Schema([TensorSpec(x.dtype, (-1, *x.shape[1:]), n) for n, x in zip(input_names, example_inputs)]),
+            outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, *output.shape[1:]), output_name)]))
         # The fluent API logs into the active run; resuming ours ends it FINISHED on exit, and the stage sets the
         # final status afterwards anyway.
         with self._fluent_store(), mlflow.start_run(run_id=run_id):
@@ -264,9 +266,11 @@ class Tracker:
             with_retries(lambda path=path: self.client.log_model_artifact(info.model_id, str(path)))
         return info.model_uri
 
-    def load_generator(self, model_uri: str) -> tuple[Any, list[tuple[int, ...]], dict[str, Any]]:
-        """A logged or registered generator (`models:/gan-mnist-28px@champion`, `models:/gan-mnist-28px/3`,
-        `runs:/...`): the module, its input shapes from the signature, and its metadata."""
+    log_generator = log_model
+
+    def load_model(self, model_uri: str) -> tuple[Any, list[tuple[int, ...]], dict[str, Any]]:
+        """A logged or registered model (`models:/gan-mnist-28px@champion`, `models:/gan-mnist-28px/3`,
+        `models:/<model id>`, `runs:/...`): the module, its input shapes from the signature, and its metadata."""
         import mlflow
         import mlflow.pytorch
 
@@ -275,6 +279,8 @@ class Tracker:
             module = with_retries(lambda: mlflow.pytorch.load_model(model_uri))
         shapes = [tuple(spec.shape) for spec in info.signature.inputs.inputs]
         return module, shapes, dict(info.metadata or {})
+
+    load_generator = load_model
 
     def register_model(self, model_uri: str, name: str, tags: dict[str, Any]) -> str:
         """A new version of registered model `name` (created on first use) with `tags`; returns the version."""

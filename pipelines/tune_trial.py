@@ -16,6 +16,7 @@ import pipelines
 from gan.config import Config
 from gan.data import Manifest, keep_labels, load_manifest
 from gan.data.batches import epoch_seed, shuffled
+from gan.data.labelled import LabelledPool
 from gan.device import prepare_process
 from gan.loop import DataSpec, fit
 from pipelines import ray_train_worker
@@ -93,7 +94,9 @@ def train_in_trial(cfg: Config, split: tuple[np.ndarray, np.ndarray | None], *, 
     device = torch.device("cuda" if cfg.scale.use_gpu else "cpu")
     autocast_dtype = prepare_process(cfg, device)
     x, y = split
+    labelled = None
     if cfg.model.semi_supervised:
+        labelled = LabelledPool.from_split(x, y, labels=cfg.model.labels, seed=cfg.train.seed, scale=manifest.scale)
         y = keep_labels(y, cfg.model.labels, cfg.train.seed)
     scores = None
     if cfg.train.scores:
@@ -114,7 +117,7 @@ def train_in_trial(cfg: Config, split: tuple[np.ndarray, np.ndarray | None], *, 
         with report.monitoring():
             fit(cfg, batches, spec=DataSpec.from_manifest(manifest), report=timed_report, resume=resume_dir,
                 wrap=ray_train_worker.model_wrapper(cfg, device, data_parallel=False), device=device,
-                autocast_dtype=autocast_dtype)
+                autocast_dtype=autocast_dtype, labelled=labelled)
         report.finish()
     finally:
         if resume_dir is not None:

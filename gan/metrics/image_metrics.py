@@ -27,6 +27,10 @@ LOCAL = {"sync_on_compute": False}
 SampleFn = Callable[[int, torch.Generator], Tensor]
 """`sample_fn(n, generator)` -> n images (n, C, H, W) in the model range [-1, 1], drawn with `generator`."""
 
+ClassSampleFn = Callable[[Tensor, torch.Generator], Tensor]
+"""`sample_fn(y, generator)` -> one image per label of `y` (len(y), C, H, W) in [-1, 1], latents drawn with
+`generator`: a conditional generator asked for classes."""
+
 
 def count_tag(n: int) -> str:
     """Sample count as it appears in metric keys: 10000 -> 10k, 2500 -> 2.5k, 500 -> 500."""
@@ -170,14 +174,18 @@ def fake_batches(sample_fn: SampleFn, n: int, batch_size: int, seed: int, shape:
     gen = torch.Generator().manual_seed(seed)
     for i in range(0, n, batch_size):
         m = min(batch_size, n - i)
-        x = sample_fn(m, gen).detach()
-        if tuple(x.shape) != (m, *shape) or not x.is_floating_point():
-            raise ValueError(f"sample_fn({m}, generator) must return float images {(m, *shape)}, "
-                             f"got {x.dtype} {tuple(x.shape)}")
-        if not torch.isfinite(x).all():
-            raise NonFiniteSamplesError("sample_fn returned non-finite values (a diverged generator?)")
-        # Fakes are scored on the uint8 pixels they would be saved as, like the stored real images.
-        yield to_model_range(to_pixels(x)) if quantize else x
+        yield _checked_fakes(sample_fn(m, gen), f"sample_fn({m}, generator)", (m, *shape), quantize)
+
+
+def _checked_fakes(x: Tensor, call: str, shape: tuple[int, ...], quantize: bool) -> Tensor:
+    """A batch of fakes checked for shape and finiteness, quantized when asked."""
+    x = x.detach()
+    if tuple(x.shape) != shape or not x.is_floating_point():
+        raise ValueError(f"{call} must return float images {shape}, got {x.dtype} {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise NonFiniteSamplesError(f"{call.split('(')[0]} returned non-finite values (a diverged generator?)")
+    # Fakes are scored on the uint8 pixels they would be saved as, like the stored real images.
+    return to_model_range(to_pixels(x)) if quantize else x
 
 
 def real_features(real_uint8: np.ndarray | Tensor, net: nn.Module, *, num_samples: int, batch_size: int = 500,
@@ -234,3 +242,34 @@ def latent_sampler(G: nn.Module, z_dim: int, num_classes: int = 0) -> SampleFn:
 
     return sample
 
+
+def class_sampler(G: nn.Module, z_dim: int) -> ClassSampleFn:
+    """`sample_fn(y, generator)` of a conditional generator: z ~ N(0, I) from the generator, labels as asked."""
+    def sample(y: Tensor, gen: torch.Generator) -> Tensor:
+        return generate(G, torch.randn(len(y), z_dim, generator=gen), y, batch_size=len(y))
+
+    return sample
+
+
+def class_agreement(sample_fn: ClassSampleFn, evaluator: nn.Module, *, num_classes: int, num_samples: int,
+                    shape: tuple[int, ...], batch_size: int = 500, seed: int = 0,
+                    quantize: bool = True) -> dict[str, float]:
+    """How often a conditional generator draws the class it is asked for: `num_samples` samples, the classes in
+    turn (equal shares), classified by `evaluator`'s argmax. eval/class_agreement_<n> is the share classified as
+    asked (about 1/K for a generator that ignores its labels), eval/class_agreement_worst_<n> the lowest share
+    of one class. `evaluator` (an Evaluator) must know the generator's `num_classes` classes."""
+    if evaluator.num_classes != num_classes:
+        raise ValueError(f"the evaluator has {evaluator.num_classes} classes, the generator {num_classes}")
+    if num_samples < num_classes:
+        raise ValueError(f"class agreement needs at least one sample per class: num_samples={num_samples} < "
+                         f"{num_classes} classes")
+    labels = torch.arange(num_samples) % num_classes
+    gen = torch.Generator().manual_seed(seed)
+    batches = (_checked_fakes(sample_fn(y, gen), f"sample_fn(y of {len(y)}, generator)", (len(y), *shape), quantize)
+               for y in labels.split(batch_size))
+    _, logits = extract(evaluator, batches)
+    hits = (logits.argmax(1) == labels).double()
+    per_class = torch.zeros(num_classes, dtype=torch.float64).index_add_(0, labels, hits) / labels.bincount()
+    tag = count_tag(num_samples)
+    return {f"eval/class_agreement_{tag}": float(hits.mean()), f"eval/class_agreement_worst_{tag}":
+            float(per_class.min())}

@@ -1,4 +1,5 @@
-"""In-training score of a checkpoint: FID of N samples in the evaluator's feature space, or the 2-D mode gap."""
+"""In-training score of a checkpoint: FID of N samples in the evaluator's feature space, the 2-D mode gap, or an
+autoencoder's reconstruction error."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import math
 from pathlib import Path
 from typing import TypeVar
 
+import numpy as np
 import torch
 
+from gan.autoencoding import RECONSTRUCTION_ERROR, reconstruction_metrics
 from gan.config import Config
 from gan.data import load_manifest, read_split
 from gan.metrics.evaluator import load_evaluator
@@ -22,7 +25,14 @@ from gan.metrics.image_metrics import (
     precision_recall,
     real_features,
 )
-from gan.scoring import generators_from_checkpoint, point_stats, primary_generator
+from gan.metrics.semi_supervised import sgan_accuracy, sgan_accuracy_key
+from gan.scoring import (
+    autoencoder_from_checkpoint,
+    discriminator_from_checkpoint,
+    generators_from_checkpoint,
+    point_stats,
+    primary_generator,
+)
 
 T = TypeVar("T")
 UNSCORED = "train/unscored"
@@ -32,7 +42,15 @@ ranks by the score (lower is better) must see it as the worst, never as the best
 
 def score_key(cfg: Config) -> str:
     """The metric an in-training score reports and a search minimises by default."""
+    if cfg.model.family == "ae":
+        return f"train/{RECONSTRUCTION_ERROR}"
     return "train/mode_gap" if cfg.data.is_points else f"train/fid_{count_tag(cfg.train.fid_samples)}"
+
+
+def needs_evaluator(cfg: Config) -> bool:
+    """Whether the in-training score needs the trained evaluator: the FID of images does; the 2-D mode gap and an
+    autoencoder's reconstruction error do not."""
+    return not cfg.data.is_points and cfg.model.family != "ae"
 
 
 def best_scored(checkpoints: list[tuple[T, dict[str, float]]], key: str) -> tuple[T, dict[str, float]] | None:
@@ -101,28 +119,45 @@ class CheckpointScorer:
     """Scores the primary generator (G_ema, or G) of a checkpoint folder; the real side is computed once.
 
     Images: FID of `train.fid_samples` samples against as many real training images (all of them when there are
-    fewer), seeded by `eval.seed` so successive scores differ only by the generator. 2-D data: the mode gap,
+    fewer), seeded by `eval.seed` so successive scores differ only by the generator; a semi-supervised run's K+1 D
+    also gets its accuracy on the held-out split (train/sgan_accuracy_<n>_labels: one D forward over it, on the
+    CPU). 2-D data: the mode gap,
     (1 - high-quality share) + reverse KL over modes, 0 for a perfect fit, with its two parts and the modes covered.
-    Sampling and the evaluator's features run on `device` (the worker's); the metrics on the features' CPU copies.
+    The ae family (not a generator): the reconstruction error of `train.fid_samples` training images (the test split
+    stays held out for the evaluate stage), by the encoder and decoder G. Sampling and the evaluator's features run
+    on `device` (the worker's); the metrics on the features' CPU copies.
     """
 
     def __init__(self, cfg: Config, dataset_dir: str | Path, evaluator_dir: str | Path | None, *,
                  device: torch.device | str = "cpu"):
         self.cfg, self.key = cfg, score_key(cfg)
-        if not cfg.data.is_points and evaluator_dir is None:
+        if needs_evaluator(cfg) and evaluator_dir is None:
             raise ValueError(f"train.fid_every_kimg={cfg.train.fid_every_kimg:g} on image data needs an evaluator "
                              f"(evaluator_dir)")
         self.dataset_dir = str(dataset_dir)
         self.evaluator_dir = str(evaluator_dir) if evaluator_dir is not None else None
         self.device = str(torch.device(device))
-        self.evaluator = _evaluator(self.evaluator_dir, self.device) if not cfg.data.is_points else None
+        self.evaluator = _evaluator(self.evaluator_dir, self.device) if needs_evaluator(cfg) else None
 
     def real(self) -> torch.Tensor:
         return _real_side(self.dataset_dir, self.evaluator_dir, self.cfg.train.fid_samples, self.cfg.eval.batch_size,
                           self.cfg.eval.seed, self.device)
 
-    @torch.no_grad()
     def __call__(self, checkpoint_dir: str | Path) -> dict[str, float]:
+        scores = self._score(checkpoint_dir)
+        if self.cfg.model.semi_supervised:
+            x_test, y_test = _test_split(self.dataset_dir)
+            scores[sgan_accuracy_key(self.cfg.model.labels, "train/")] = sgan_accuracy(
+                discriminator_from_checkpoint(checkpoint_dir), x_test, y_test)
+        return scores
+
+    @torch.no_grad()
+    def _score(self, checkpoint_dir: str | Path) -> dict[str, float]:
+        if self.cfg.model.family == "ae":
+            encoder, decoder, _, _ = autoencoder_from_checkpoint(checkpoint_dir)
+            x = _training_images(self.dataset_dir, self.cfg.train.fid_samples, self.cfg.eval.seed)
+            return reconstruction_metrics(encoder.to(self.device), decoder.to(self.device), x,
+                                          batch_size=self.cfg.eval.batch_size, prefix="train/")
         gens, _, extra = generators_from_checkpoint(checkpoint_dir)
         G = gens[primary_generator(self.cfg)].to(self.device)
         n, seed = self.cfg.train.fid_samples, self.cfg.eval.seed
@@ -151,9 +186,23 @@ def _evaluator(evaluator_dir: str, device: str) -> torch.nn.Module:
 
 
 @functools.lru_cache(maxsize=2)
+def _test_split(dataset_dir: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = read_split(load_manifest(dataset_dir), "test", verify=False)
+    return x, y
+
+
+@functools.lru_cache(maxsize=2)
 def _real_side(dataset_dir: str, evaluator_dir: str, num_samples: int, batch_size: int, seed: int,
                device: str) -> torch.Tensor:
     x, _ = read_split(load_manifest(dataset_dir), "train", verify=False)
     features, _ = real_features(x, _evaluator(evaluator_dir, device), num_samples=num_samples, batch_size=batch_size,
                                 seed=seed)
     return features
+
+
+@functools.lru_cache(maxsize=2)
+def _training_images(dataset_dir: str, num_samples: int, seed: int) -> np.ndarray:
+    x, _ = read_split(load_manifest(dataset_dir), "train", verify=False)
+    if len(x) <= num_samples:
+        return x
+    return x[np.sort(np.random.default_rng(seed).choice(len(x), num_samples, replace=False))]

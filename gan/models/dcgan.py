@@ -65,12 +65,13 @@ class DCGANDiscriminator(nn.Module):
     Each stage has `convs_per_stage` - 1 extra 3x3 stride-1 convs after its stride-2 conv, keeping its
     channels and resolution. BatchNorm after every conv but the first unless `batch_norm` is False (wgan-gp:
     its gradient penalty is per sample, and BatchNorm mixes the samples of a batch). With `pack` > 1 it judges
-    `pack` images at once, stacked along the channels (PacGAN).
+    `pack` images at once, stacked along the channels (PacGAN). `fan_in_init` keeps PyTorch's fan-in scaled
+    initialisation instead of DCGAN's N(0, 0.02), which without BatchNorm shrinks the activations at every layer.
     """
 
     def __init__(self, d_width: int, channels: int, resolution: int, num_classes: int = 0, *,
                  batch_norm: bool = True, conditional: bool = False, semi_supervised: bool = False,
-                 convs_per_stage: int = 1, pack: int = 1):
+                 convs_per_stage: int = 1, pack: int = 1, fan_in_init: bool = False):
         super().__init__()
         self.pack = pack
         s0, stages = STEM[resolution]
@@ -89,10 +90,14 @@ class DCGANDiscriminator(nn.Module):
         self.body = nn.Sequential(*layers)
         self.head = DiscriminatorHead(c_in * s0 * s0, num_classes, conditional=conditional,
                                       semi_supervised=semi_supervised)
-        self.apply(dcgan_init)
+        if not fan_in_init:
+            self.apply(dcgan_init)
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        return self.head(self.body(pack_samples(x, self.pack)), y)
+    def forward(self, x: Tensor, y: Tensor | None = None, *, features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits; with `features`, (logits, the last hidden layer's (B, F) features) (see DiscriminatorHead)."""
+        h = self.body(pack_samples(x, self.pack))
+        out = self.head(h, y)
+        return (out, h) if features else out
 
 
 @register_model("dcgan")
@@ -102,9 +107,14 @@ def build(model: ModelConfig, *, loss_kind: str, data_shape: tuple[int, ...],
     channels, height = image_shape(data_shape, "dcgan", tuple(STEM))
     G = DCGANGenerator(model.z_dim, model.g_width, channels, height, num_classes if model.conditional else 0,
                        latent_codes=model.latent_codes)
-    D = DCGANDiscriminator(model.d_width, channels, height, num_classes, batch_norm=loss_kind != "wgan-gp",
+    # A K+1 D is also a classifier, read in eval mode, where BatchNorm's running statistics would mix the real, fake
+    # and labelled batches of training: it has none, and so the fan-in init (MNIST with 100 labels, fan-in init
+    # against DCGAN's: test accuracy 0.97 against 0.94).
+    D = DCGANDiscriminator(model.d_width, channels, height, num_classes,
+                           batch_norm=loss_kind != "wgan-gp" and not model.semi_supervised,
                            conditional=model.conditional, semi_supervised=model.semi_supervised,
-                           convs_per_stage=model.d_convs_per_stage, pack=model.pack)
+                           convs_per_stage=model.d_convs_per_stage, pack=model.pack,
+                           fan_in_init=model.semi_supervised)
     if model.spectral_norm:
         apply_spectral_norm(D)
     return G, D

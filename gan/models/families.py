@@ -24,7 +24,8 @@ def register_model(name: str) -> Callable[[Builder], Builder]:
 
 def build_models(model: ModelConfig, *, loss_kind: str, data_shape: tuple[int, ...],
                  num_classes: int) -> tuple[nn.Module, nn.Module]:
-    """(G, D) of `model.family` for samples of `data_shape` ((2,) or (C, H, W)) and `num_classes` classes."""
+    """(G, D) of `model.family` for samples of `data_shape` ((2,) or (C, H, W)) and `num_classes` classes; for the
+    autoencoder families (ae, vae), (decoder, encoder)."""
     if model.family not in MODELS:
         raise ConfigError(f"model.family must be one of {', '.join(sorted(MODELS))}, got {model.family!r}")
     if loss_kind not in LOSSES:

@@ -70,6 +70,10 @@ class DiscriminatorHead(nn.Module):
 
     plain: (B,) from Linear(F, 1). conditional: (B,) projection psi(h) + <embed(y), h> (Miyato & Koyama
     2018). semi-supervised: (B, K+1) class logits with fake at index K; `realness_logit` reduces them.
+
+    Every family's D calls it last, and `D(x, y, features=True)` returns (logits, h) with h the (B, F) features
+    it was given (the last hidden layer): G's feature matching reads them. A keyword of forward rather than a
+    method, so a DDP-wrapped D is still called through its wrapper.
     """
 
     def __init__(self, features: int, num_classes: int = 0, *, conditional: bool = False,
@@ -126,6 +130,22 @@ class FourierFeatures(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         h = x @ self.weight
         return torch.cat([x, torch.sin(h), torch.cos(h)], dim=1)
+
+
+class GaussianNoise(nn.Module):
+    """x + N(0, std^2) noise in training mode, x itself in eval mode (Salimans et al. 2016's D regulariser)."""
+
+    def __init__(self, std: float):
+        super().__init__()
+        self.std = std
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.std == 0:
+            return x
+        return x + self.std * torch.randn_like(x)
+
+    def extra_repr(self) -> str:
+        return f"std={self.std}"
 
 
 def apply_spectral_norm(module: nn.Module) -> nn.Module:

@@ -40,8 +40,13 @@ def _widths(width: int, stages: int) -> list[int]:
 
 class ResNetGenerator(nn.Module):
     """z [+ embed(y)] -> Linear -> (B, c0, s0, s0) -> [block, upsample x2, 1x1 conv to the next width] per stage ->
-    block -> 1x1 conv -> tanh image. At 32 px with g = g_width: (B, 4g, 4, 4) -> (B, 2g, 8, 8) -> (B, g, 16, 16) ->
-    (B, g, 32, 32) -> (B, C, 32, 32)."""
+    block -> 1x1 conv -> image. At 32 px with g = g_width: (B, 4g, 4, 4) -> (B, 2g, 8, 8) -> (B, g, 16, 16) ->
+    (B, g, 32, 32) -> (B, C, 32, 32).
+
+    The output is linear while training, as in StyleGAN and R3GAN: without normalisation layers a tanh saturates on
+    the first thing G learns, MNIST's flat -1 background, and its gradient vanishes (measured: every sample all -1
+    within 2 kimg, under bce and rpgan alike). D learns to reject values outside [-1, 1]; in eval mode (G_ema,
+    sampling, serving) the output is clamped to that range."""
 
     def __init__(self, z_dim: int, g_width: int, channels: int, resolution: int, num_classes: int = 0, *,
                  latent_codes: int = 0):
@@ -55,11 +60,12 @@ class ResNetGenerator(nn.Module):
                                    nn.Unflatten(1, (widths[0], s0, s0))]
         for c_in, c_out in zip(widths[:-1], widths[1:], strict=True):
             layers += [ResidualBlock(c_in), nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c_in, c_out, 1)]
-        layers += [ResidualBlock(widths[-1]), nn.LeakyReLU(SLOPE), nn.Conv2d(widths[-1], channels, 1), nn.Tanh()]
+        layers += [ResidualBlock(widths[-1]), nn.LeakyReLU(SLOPE), nn.Conv2d(widths[-1], channels, 1)]
         self.net = nn.Sequential(*layers)
 
     def forward(self, z: Tensor, y: Tensor | None = None) -> Tensor:
-        return self.net(self.input(z, y))
+        x = self.net(self.input(z, y))
+        return x if self.training else x.clamp(-1.0, 1.0)
 
 
 class ResNetDiscriminator(nn.Module):
@@ -80,8 +86,11 @@ class ResNetDiscriminator(nn.Module):
         self.head = DiscriminatorHead(widths[-1] * s0 * s0, num_classes, conditional=conditional,
                                       semi_supervised=semi_supervised)
 
-    def forward(self, x: Tensor, y: Tensor | None = None) -> Tensor:
-        return self.head(self.body(pack_samples(x, self.pack)), y)
+    def forward(self, x: Tensor, y: Tensor | None = None, *, features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits; with `features`, (logits, the last hidden layer's (B, F) features) (see DiscriminatorHead)."""
+        h = self.body(pack_samples(x, self.pack))
+        out = self.head(h, y)
+        return (out, h) if features else out
 
 
 @register_model("resnet")

@@ -1,17 +1,21 @@
-"""Every preset in configs/ builds into a valid Config, and its G and D build and run on a batch of 2 (2 packs)."""
+"""Every preset in configs/ builds into a valid Config, and its G and D (an autoencoder's decoder and encoder) build
+and run on a batch of 2 (2 packs)."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from gan.config import Config
+from gan.autoencoding import encode
+from gan.config import AUTOENCODER_FAMILIES, Config
 from gan.config_loader import load_config
 from gan.models import build_models, realness_logit
+from pipelines.model_registry import model_name
 
 PRESETS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 REQUIRED = {"quickstart", "mnist-dcgan", "mnist-mlp", "fashion-mnist-dcgan", "cifar10-dcgan", "ring8", "grid25",
-            "mnist-sgan"}
+            "mnist-sgan", "mnist-ae", "mnist-vae"}
 NUM_CLASSES = 10
 NATIVE_CHANNELS = {"cifar10": 3}
 
@@ -48,7 +52,10 @@ def test_preset_models_build_and_run(path):
         x = G(torch.randn(n, cfg.model.z_dim), y)
         out = D(x, y)
     assert x.shape == (n, *shape)
-    assert x.abs().max() <= 1, "G ends in tanh"
+    assert x.abs().max() <= 1, "G ends in tanh (a decoder in 2 sigmoid - 1)"
+    if cfg.model.family in AUTOENCODER_FAMILIES:
+        assert encode(D, x).shape == (n, cfg.model.z_dim)
+        return
     assert out.shape == ((2, NUM_CLASSES + 1) if cfg.model.semi_supervised else (2,))
     assert realness_logit(out).shape == (2,) and torch.isfinite(out).all()
 
@@ -67,3 +74,27 @@ def test_fashion_and_sgan_presets_read_what_they_promise():
     assert fashion.source == "fashion-mnist" and fashion.root and fashion.download
     assert sgan.data == configs["mnist-dcgan"].data, "the SGAN reads the same real MNIST as mnist-dcgan"
     assert sgan.model.semi_supervised and sgan.model.labels == 100
+
+
+def test_autoencoder_presets_are_the_reference_and_sized_for_cpus():
+    configs = {p.stem: load_config(p) for p in PRESETS}
+    ae, vae = configs["mnist-ae"], configs["mnist-vae"]
+    assert ae.data == vae.data == configs["mnist-dcgan"].data, "both read the same real MNIST as mnist-dcgan"
+    decoder, encoder = build_models(ae.model, loss_kind=ae.loss.kind, data_shape=(1, 28, 28), num_classes=10)
+    # 784 -> 32 -> 128 and 128 -> 784, weights and biases.
+    assert sum(p.numel() for p in encoder.parameters()) == 784 * 32 + 32 + 32 * 128 + 128
+    assert sum(p.numel() for p in decoder.parameters()) == 128 * 784 + 784
+    assert ae.model.likelihood == "bernoulli" and ae.train.batch_size == 256
+    assert (ae.optim.lr_g, ae.optim.lr_d, ae.optim.beta1, ae.optim.beta2) == (1e-3, 1e-3, 0.9, 0.999), "Keras' Adam"
+    train_images = 8000  # the 10k test set, test_fraction 0.2
+    assert round(ae.train.kimg * 1000 / train_images) == 50, "50 epochs"
+    decoder, encoder = build_models(vae.model, loss_kind=vae.loss.kind, data_shape=(1, 28, 28), num_classes=10)
+    assert sum(p.numel() for p in [*encoder.parameters(), *decoder.parameters()]) < 1_000_000
+
+
+def test_conditional_mnist_preset_is_mnist_dcgan_with_labels():
+    configs = {p.stem: load_config(p) for p in PRESETS}
+    conditional, plain = configs["mnist-cdcgan"], configs["mnist-dcgan"]
+    assert conditional.model == replace(plain.model, conditional=True)
+    assert (conditional.data, conditional.loss, conditional.optim) == (plain.data, plain.loss, plain.optim)
+    assert model_name(conditional) != model_name(plain), "a generator taking labels has its own registered name"

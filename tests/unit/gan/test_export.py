@@ -1,11 +1,12 @@
-"""The registered form of a generator: latents in, images in [0, 1] or 2-D points in data units out."""
+"""The registered form of a generator (latents in, images in [0, 1] or 2-D points in data units out), of an
+autoencoder's encoder (images in [0, 1] in, codes out) and of a semi-supervised GAN's classifier (class logits out)."""
 
 import numpy as np
 import pytest
 import torch
 
 from gan.config import ModelConfig
-from gan.export import ModelRangeView, served_generator
+from gan.export import ModelRangeView, PixelRangeView, ServedClassifier, ServedEncoder, served_generator
 from gan.models import build_models
 from gan.rendering import generate
 
@@ -80,3 +81,21 @@ def test_the_view_scores_an_exported_module_which_refuses_train_and_eval():
     view = ModelRangeView(exported, points=False)
     z = torch.randn(3, 8)
     torch.testing.assert_close(generate(view, z), served(z) * 2 - 1)
+
+
+def test_an_encoder_and_a_classifier_take_images_in_unit_range():
+    torch.manual_seed(0)
+    decoder, encoder = build_models(ModelConfig(family="vae", z_dim=4), loss_kind="bce", data_shape=(1, 8, 8),
+                                    num_classes=0)
+    served = ServedEncoder(encoder, data_shape=(1, 8, 8), z_dim=4)
+    (x,) = served.example_inputs(batch=3)
+    x = torch.from_numpy(x)
+    assert x.shape == (3, 1, 8, 8) and 0 <= x.min() and x.max() <= 1
+    mu, _ = encoder(x * 2 - 1)
+    torch.testing.assert_close(served(x), mu)  # a VAE's code is its posterior mean
+    torch.testing.assert_close(PixelRangeView(served)(x * 2 - 1), mu)  # seen again as a model-range network
+    _, D = build_models(ModelConfig(family="dcgan", g_width=4, d_width=4, semi_supervised=True), loss_kind="bce",
+                        data_shape=(1, 28, 28), num_classes=10)
+    classifier = ServedClassifier(D, data_shape=(1, 28, 28), num_classes=10)
+    images = torch.rand(2, 1, 28, 28)
+    torch.testing.assert_close(classifier(images), D(images * 2 - 1)[:, :10])  # the fake logit dropped

@@ -75,6 +75,20 @@ def test_n_critic_takes_one_g_step_per_n_d_steps():
     assert state.d_steps == 10 and state.g_steps == 2
 
 
+def test_lazy_regularisation_regularises_every_reg_every_th_d_step(monkeypatch):
+    import gan.loop
+
+    seen, d_step = [], gan.loop.d_step
+
+    def recording(*args, **kwargs):
+        seen.append(kwargs["regularize"])
+        return d_step(*args, **kwargs)
+    monkeypatch.setattr(gan.loop, "d_step", recording)
+    cfg = load_config(None, SMALL + ["train.kimg=0.5", "train.batch_size=50", "loss.r1_gamma=1", "loss.reg_every=4"])
+    fit(cfg, ring_batches(50), spec=SPEC, report=lambda m, c: None)
+    assert seen == [i % 4 == 0 for i in range(10)]
+
+
 def test_a_single_non_finite_batch_is_skipped_and_counted():
     reports = []
     cfg = load_config(None, SMALL + ["train.kimg=0.5", "train.batch_size=50", "train.log_every_kimg=10"])

@@ -10,14 +10,19 @@ from gan.data.sources import MODE_SIGMA, mode_centres
 from gan.export import served_generator
 from gan.metrics.modes import mode_stats
 from pipelines.model_registry import (
+    AUTOENCODER,
     CHALLENGER,
     CHAMPION,
+    CLASSIFIER,
+    GENERATOR,
     PINNED,
     GateError,
     ShapeError,
     check_gate,
+    check_kind,
     check_shape,
     elect_champion,
+    kind_of,
     model_name,
     rescored_tag,
     score_of,
@@ -70,6 +75,37 @@ def test_model_name_says_the_dataset_and_its_image_side():
     assert model_name(load_config(overrides=["data.source=digits", "data.resolution=16"])) == "gan-digits-16px"
     assert model_name(load_config(overrides=["data.source=ring8"])) == "gan-ring8"
     assert model_name(load_config(overrides=["register.model_name=mine"])) == "mine"
+    conditional = load_config(overrides=["data.source=digits", "model.family=dcgan", "model.conditional=true"])
+    assert model_name(conditional) == "gan-digits-28px-conditional", "a generator taking labels is another model"
+
+
+def test_each_kind_has_its_name_score_and_direction():
+    digits = load_config(overrides=["data.source=digits"])
+    assert kind_of(load_config(overrides=["data.source=digits", "model.family=vae"])) is GENERATOR
+    ae = load_config(overrides=["data.source=digits", "model.family=ae"])
+    assert kind_of(ae) is AUTOENCODER and model_name(ae, AUTOENCODER) == "ae-digits-28px"
+    assert model_name(digits, CLASSIFIER) == "classifier-digits-28px"
+    assert model_name(load_config(overrides=["register.model_name=mine"]), CLASSIFIER) == "mine-classifier"
+    metrics = {**METRICS, "eval/reconstruction_error": 0.02, "eval/sgan_accuracy_100_labels": 0.9,
+               "eval/plain_accuracy_100_labels": 0.7}
+    assert score_of(metrics, AUTOENCODER) == ("eval/reconstruction_error", 0.02)
+    assert score_of(metrics, CLASSIFIER) == ("eval/sgan_accuracy_100_labels", 0.9), "not the plain baseline's"
+    assert score_of(metrics, GENERATOR) == ("eval/fid_2k", 12.5), "a VAE's reconstruction error does not rank it"
+    with pytest.raises(KeyError, match="eval/reconstruction_error"):
+        score_of(METRICS, AUTOENCODER)
+    assert CLASSIFIER.beats(0.9, 0.8) and AUTOENCODER.beats(0.01, 0.02) and not GENERATOR.beats(12.5, 12.5)
+    tags = version_tags(metrics, CLASSIFIER, evaluator_id="test-split-abc")
+    assert tags["model_kind"] == "classifier" and tags["score_order"] == "higher"
+    assert tags["accuracy"] == "0.9" and tags["plain_accuracy"] == "0.7"
+    assert version_tags(metrics, AUTOENCODER)["reconstruction_error"] == "0.02"
+    check_gate(load_config(overrides=["register.max_fid=1"]), metrics, AUTOENCODER)  # the gate is for generators
+
+
+def test_a_name_holds_one_kind_of_model():
+    versions = [_Version("1", {"model_kind": "generator"}), _Version("2", {})]  # untagged: a generator
+    check_kind(versions, "gan-digits", GENERATOR)
+    with pytest.raises(ShapeError, match=r"gan-digits holds generator models, this one is an autoencoder"):
+        check_kind(versions, "gan-digits", AUTOENCODER)
 
 
 class _Version:
@@ -102,8 +138,8 @@ class _Unconditional(torch.nn.Module):
         return self.net(z)
 
 
-def _register(tracker, uri, name, fid, evaluator="ev1", metric="eval/fid_2k", auto=True):
-    version = tracker.register_model(uri, name, version_tags({metric: fid}, evaluator_id=evaluator))
+def _register(tracker, uri, name, fid, evaluator="ev1", metric="eval/fid_2k", auto=True, kind=GENERATOR):
+    version = tracker.register_model(uri, name, version_tags({metric: fid}, kind, evaluator_id=evaluator))
     return version, elect_champion(tracker, name, version, auto=auto)
 
 
@@ -122,6 +158,18 @@ def test_champion_moves_only_to_a_better_fid_under_the_same_evaluator(registry):
     assert tracker.alias_version(name, CHAMPION) == "5"
     tags = _tags(tracker, name)
     assert [v for v in sorted(tags) if tags[v].get(CHALLENGER) == "true"] == ["2", "3", "4"]
+
+
+def test_a_classifier_champion_is_the_most_accurate(registry):
+    tracker, uri = registry
+    name = "classifier-rules"
+    accuracy = "eval/sgan_accuracy_100_labels"
+    assert _register(tracker, uri, name, 0.80, metric=accuracy, kind=CLASSIFIER) == ("1", "1")
+    assert _register(tracker, uri, name, 0.70, metric=accuracy, kind=CLASSIFIER) == ("2", "1")  # less accurate
+    assert _register(tracker, uri, name, 0.80, metric=accuracy, kind=CLASSIFIER) == ("3", "1")  # a tie
+    assert _register(tracker, uri, name, 0.95, metric="eval/sgan_accuracy_1000_labels",
+                     kind=CLASSIFIER) == ("4", "1")  # more labels: another contest
+    assert _register(tracker, uri, name, 0.90, metric=accuracy, kind=CLASSIFIER) == ("5", "5")
 
 
 def test_fids_of_different_sample_counts_do_not_compete(registry):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -11,6 +13,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchvision.models import inception_v3
 
+from gan.config_loader import load_config
 from gan.data import to_model_range
 from gan.metrics import (
     Evaluator,
@@ -26,6 +29,8 @@ from gan.metrics import (
     precision_recall,
     real_floor,
 )
+from gan.metrics.image_metrics import class_agreement, class_sampler
+from gan.scoring import score_images
 
 
 def normal(n: int, d: int, seed: int, mean: float = 0.0, std: float = 1.0) -> torch.Tensor:
@@ -326,3 +331,88 @@ def test_metrics_inside_a_process_group_score_locally_without_waiting_for_other_
     assert [p.exitcode for p in procs] == [0, 0]
     fid, score, kid = results.get(timeout=1)
     assert fid == pytest.approx(4.0, abs=1e-6) and score >= 1.0 and np.isfinite(kid)
+
+
+K = 10
+LEVELS = torch.linspace(-1.0, 1.0, K)
+
+
+class BrightnessOracle(nn.Module):
+    """An evaluator with a known answer: an image's class is the level nearest its mean brightness (class k is
+    drawn at LEVELS[k]), so a class drawn as asked is always classified as asked."""
+
+    num_classes = K
+
+    def __init__(self):
+        super().__init__()
+        self.levels = nn.Parameter(LEVELS.clone(), requires_grad=False)
+
+    def features_and_logits(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        mean = x.mean(dim=(1, 2, 3))
+        return mean[:, None], -(mean[:, None] - self.levels[None, :]).square()
+
+
+def drawn_as(classes: Tensor, gen: torch.Generator) -> Tensor:
+    """Images of `classes` in the oracle's code, with a little pixel noise drawn from `gen`."""
+    noise = 0.02 * torch.randn(len(classes), 1, 8, 8, generator=gen)
+    return (LEVELS[classes].view(-1, 1, 1, 1) + noise).clamp(-1, 1)
+
+
+def agreement(sample_fn, **kwargs) -> dict[str, float]:
+    return class_agreement(sample_fn, BrightnessOracle(), num_classes=K, shape=(1, 8, 8),
+                           **{"num_samples": 2000, "batch_size": 300, "seed": 0, **kwargs})
+
+
+def test_class_agreement_of_a_generator_that_draws_the_asked_class_is_one():
+    assert agreement(lambda y, g: drawn_as(y, g)) == {"eval/class_agreement_2k": 1.0,
+                                                      "eval/class_agreement_worst_2k": 1.0}
+
+
+def test_class_agreement_of_a_generator_that_ignores_its_labels_is_one_in_k():
+    # Labels independent of the images: each sample agrees with probability 1/K; the share's std is
+    # sqrt(0.1 * 0.9 / 2000) = 0.0067.
+    out = agreement(lambda y, g: drawn_as(torch.randint(0, K, (len(y),), generator=g), g))
+    assert out["eval/class_agreement_2k"] == pytest.approx(1 / K, abs=0.025)
+    assert out["eval/class_agreement_worst_2k"] < 1 / K
+
+
+def test_class_agreement_counts_each_class_alike_and_names_the_worst():
+    # Odd classes come out as the next class: exactly half agree, and an odd class never does.
+    out = agreement(lambda y, g: drawn_as(torch.where(y % 2 == 1, (y + 1) % K, y), g), num_samples=1000)
+    assert out == {"eval/class_agreement_1k": 0.5, "eval/class_agreement_worst_1k": 0.0}
+    # Only class 3 goes wrong, and every class has the same number of samples (1000 / 10).
+    out = agreement(lambda y, g: drawn_as(torch.where(y == 3, torch.zeros_like(y), y), g), num_samples=1000)
+    assert out == {"eval/class_agreement_1k": 0.9, "eval/class_agreement_worst_1k": 0.0}
+
+
+def test_class_agreement_is_seeded_and_checks_its_inputs():
+    ignore = lambda y, g: drawn_as(torch.randint(0, K, (len(y),), generator=g), g)  # noqa: E731
+    assert agreement(ignore, seed=4) == agreement(ignore, seed=4) != agreement(ignore, seed=5)
+    with pytest.raises(ValueError, match="the evaluator has 10 classes, the generator 7"):
+        class_agreement(ignore, BrightnessOracle(), num_classes=7, num_samples=100, shape=(1, 8, 8))
+    with pytest.raises(ValueError, match="at least one sample per class: num_samples=9 < 10 classes"):
+        agreement(ignore, num_samples=9)
+    with pytest.raises(ValueError, match=r"must return float images \(300, 1, 8, 8\)"):
+        agreement(lambda y, g: torch.zeros(len(y), 1, 4, 4))
+    with pytest.raises(ValueError, match="non-finite"):
+        agreement(lambda y, g: torch.full((len(y), 1, 8, 8), float("nan")))
+
+
+def test_class_sampler_asks_a_conditional_generator_for_the_given_labels():
+    G, y = TinyG(), torch.tensor([0, 9, 9, 4])
+    out = class_sampler(G, z_dim=4)(y, torch.Generator().manual_seed(0))
+    z = torch.randn(4, 4, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, G(z, y).detach())
+
+
+def test_score_images_adds_class_agreement_for_a_conditional_generator_under_the_evaluator(tiny):
+    net, real = tiny
+    conditional = load_config(None, ["data.source=digits", "data.resolution=16", "model.family=mlp",
+                                     "model.conditional=true", "model.z_dim=4", "eval.num_samples=200"])
+    metrics = score_images(TinyG(), conditional, K, real, net)
+    assert 0.0 <= metrics["eval/class_agreement_200"] <= 1.0
+    assert 0.0 <= metrics["eval/class_agreement_worst_200"] <= metrics["eval/class_agreement_200"]
+    raw = score_images(TinyG(), conditional, K, real, net, prefix="eval_raw/")
+    assert raw["eval_raw/class_agreement_200"] == metrics["eval/class_agreement_200"]
+    plain = replace(conditional, model=replace(conditional.model, conditional=False))
+    assert not any("class_agreement" in k for k in score_images(TinyG(), plain, K, real, net))

@@ -2,13 +2,20 @@
 error survives the trip between Ray processes."""
 
 import pickle
+import shutil
 
 import pytest
+import torch
 
 from gan.config import ConfigError
 from gan.config_loader import load_config
-from gan.loop import NonFiniteLossError, fit
-from gan.metrics.in_training import TOP_CLASS_SHARE, UNSCORED, RunHealth
+from gan.data import load_manifest, prepare, read_split, to_model_range
+from gan.data.batches import shuffled
+from gan.data.labelled import LabelledPool
+from gan.loop import DataSpec, NonFiniteLossError, fit
+from gan.metrics import save_evaluator, train_evaluator
+from gan.metrics.in_training import TOP_CLASS_SHARE, UNSCORED, CheckpointScorer, RunHealth
+from pipelines.ray_train_worker import model_batches
 from tests.unit.gan.test_loop import SMALL, SPEC, ring_batches
 
 IMAGES = ["data.source=digits", "train.fid_every_kimg=1", "train.checkpoint_every_kimg=1"]
@@ -65,3 +72,29 @@ def test_a_diverged_runs_error_pickles_with_its_message():
     err = pickle.loads(pickle.dumps(NonFiniteLossError(3.25, 5)))
     assert (err.kimg, err.patience) == (3.25, 5)
     assert str(err).startswith("non-finite loss or gradient in 5 steps in a row at 3.250 kimg")
+
+
+def test_a_semi_supervised_checkpoint_is_also_scored_as_a_classifier_on_the_held_out_split(tmp_path):
+    cfg = load_config(None, ["data.source=digits", "data.resolution=16", "model.hidden=[32]", "model.z_dim=8",
+                             "model.semi_supervised=true", "model.labels=30", "loss.feature_matching=true",
+                             "train.batch_size=32", "train.kimg=0.64", "train.checkpoint_every_kimg=0.64",
+                             "train.fid_every_kimg=0.64"])
+    dataset_dir = prepare(cfg.data, tmp_path / "data")
+    x, y = read_split(dataset_dir, "train")
+    x_test, y_test = read_split(dataset_dir, "test")
+    evaluator_dir = save_evaluator(train_evaluator(x, y, x[:100], y[:100], epochs=1)[0], tmp_path / "evaluator")
+    kept = tmp_path / "checkpoint"
+
+    def keep(metrics, checkpoint_dir):
+        if checkpoint_dir:
+            shutil.copytree(checkpoint_dir, kept, dirs_exist_ok=True)
+    state = fit(cfg, model_batches(lambda e: shuffled(x, None, 32, seed=e), 1.0),
+                spec=DataSpec.from_manifest(load_manifest(dataset_dir)), report=keep,
+                labelled=LabelledPool.from_split(x, y, labels=30, seed=cfg.train.seed))
+    scores = CheckpointScorer(cfg, dataset_dir, evaluator_dir)(kept)
+    assert {"train/fid_2k", "train/sgan_accuracy_30_labels"} <= set(scores)
+    with torch.no_grad():
+        predicted = state.D.eval()(to_model_range(x_test))[:, :10].argmax(1)
+    expected = (predicted == torch.from_numpy(y_test)).float().mean().item()
+    assert scores["train/sgan_accuracy_30_labels"] == pytest.approx(expected)
+    assert scores["train/sgan_accuracy_30_labels"] > 0.2, "20 steps with 30 labels already beat chance (0.1)"

@@ -25,6 +25,7 @@ def make(family: str = "mlp", data_shape: tuple[int, ...] = (2,), *, loss_kind: 
     if family in ("dcgan", "resnet"):
         kw = {"g_width": 8, "d_width": 8, **kw}
     model = ModelConfig(family=family, **flags, **kw)
+    torch.manual_seed(0)  # the weights' draws must not depend on which tests ran before
     return build_models(model, loss_kind=loss_kind, data_shape=data_shape, num_classes=num_classes)
 
 
