@@ -110,10 +110,12 @@ def test_a_collapse_alarm_configured_to_stop_ends_every_worker_at_the_best_check
 
 @pytest.mark.parametrize("extra", [
     ["model.conditional=true", "loss.kind=wgan-gp", "loss.n_critic=2", "optim.beta1=0.0", "loss.r1_gamma=1"],
-    ["model.semi_supervised=true", "model.labels=50", "loss.kind=hinge", "model.spectral_norm=true"],
-], ids=["conditional-wgan-gp-r1", "semi-supervised-hinge-sn"])
+    ["model.semi_supervised=true", "model.labels=50", "model.augment_labelled=true", "loss.kind=hinge",
+     "model.spectral_norm=true", "loss.feature_matching=true"],
+], ids=["conditional-wgan-gp-r1", "semi-supervised-hinge-sn-fm"])
 def test_ddp_runs_every_head_and_penalty_without_unused_parameters(ray_session, tmp_path, stage_context, extra):
-    """Two DDP workers (no find_unused_parameters) through gradient penalties, projection and K+1 heads."""
+    """Two DDP workers (no find_unused_parameters) through gradient penalties, projection and K+1 heads (with the
+    labelled pool's batch every D step and G's feature matching, both through DDP's forward)."""
     ctx = stage_context
     cfg = load_config(None, ["name=digits-ddp", "data.source=digits",
                              "model.family=dcgan", "model.g_width=8", "model.d_width=8", "train.batch_size=32",
@@ -123,3 +125,6 @@ def test_ddp_runs_every_head_and_penalty_without_unused_parameters(ray_session, 
     assert read_checkpoint(out["checkpoint_dir"])["counters"]["images"] >= 600
     assert all(torch.isfinite(torch.tensor(m.value))
                for m in ctx.tracker.metric_history(out["run_id"], "loss/d"))
+    if "model.semi_supervised=true" in extra:  # each worker drew labelled batches from its pool
+        supervised = ctx.tracker.metric_history(out["run_id"], "loss/d_supervised")
+        assert supervised and all(0 < m.value < 10 for m in supervised)
