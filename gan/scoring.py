@@ -25,42 +25,38 @@ from gan.rendering import class_grid_inputs, generate, save_image_grid, save_sca
 POINT_SAMPLES = 2500  # the sample count of the VEEGAN/PacGAN 2-D tables
 
 
-def generators_from_checkpoint(directory: str | Path) -> tuple[dict[str, nn.Module], Config, dict[str, Any]]:
-    """G and G_ema of a checkpoint folder, in eval mode on the CPU, with its config and data facts."""
+def _networks_from_checkpoint(directory: str | Path, slots: dict[str, str]) -> tuple[dict[str, nn.Module], Config,
+                                                                                      dict[str, Any]]:
+    """The networks `slots` names ({module name in the checkpoint: "G" or "D", the build_models slot it fills}) of a
+    checkpoint folder, in eval mode on the CPU, with its config and data facts."""
     state = read_checkpoint(directory)
     extra = state["extra"]
     cfg = from_dict(extra["config"])
-    gens = {}
-    for name in ("G", "G_ema"):
-        G, _ = build_models(cfg.model, loss_kind=cfg.loss.kind, data_shape=tuple(extra["data_shape"]),
+    nets = {}
+    for name, slot in slots.items():
+        G, D = build_models(cfg.model, loss_kind=cfg.loss.kind, data_shape=tuple(extra["data_shape"]),
                             num_classes=extra["num_classes"])
-        G.load_state_dict(state["modules"][name])
-        gens[name] = G.eval().requires_grad_(False)
-    return gens, cfg, extra
+        net = G if slot == "G" else D
+        net.load_state_dict(state["modules"][name])
+        nets[name] = net.eval().requires_grad_(False)
+    return nets, cfg, extra
+
+
+def generators_from_checkpoint(directory: str | Path) -> tuple[dict[str, nn.Module], Config, dict[str, Any]]:
+    """G and G_ema of a checkpoint folder, in eval mode on the CPU, with its config and data facts."""
+    return _networks_from_checkpoint(directory, {"G": "G", "G_ema": "G"})
 
 
 def discriminator_from_checkpoint(directory: str | Path) -> nn.Module:
     """D of a checkpoint folder, in eval mode on the CPU."""
-    state = read_checkpoint(directory)
-    extra = state["extra"]
-    cfg = from_dict(extra["config"])
-    _, D = build_models(cfg.model, loss_kind=cfg.loss.kind, data_shape=tuple(extra["data_shape"]),
-                        num_classes=extra["num_classes"])
-    D.load_state_dict(state["modules"]["D"])
-    return D.eval().requires_grad_(False)
+    return _networks_from_checkpoint(directory, {"D": "D"})[0]["D"]
 
 
 def autoencoder_from_checkpoint(directory: str | Path) -> tuple[nn.Module, nn.Module, Config, dict[str, Any]]:
     """The encoder (D) and decoder (G) of an autoencoder's checkpoint folder, in eval mode on the CPU, with its config
     and data facts. G, not G_ema: the encoder was trained with G and has no average of its own."""
-    state = read_checkpoint(directory)
-    extra = state["extra"]
-    cfg = from_dict(extra["config"])
-    decoder, encoder = build_models(cfg.model, loss_kind=cfg.loss.kind, data_shape=tuple(extra["data_shape"]),
-                                    num_classes=extra["num_classes"])
-    decoder.load_state_dict(state["modules"]["G"])
-    encoder.load_state_dict(state["modules"]["D"])
-    return encoder.eval().requires_grad_(False), decoder.eval().requires_grad_(False), cfg, extra
+    nets, cfg, extra = _networks_from_checkpoint(directory, {"G": "G", "D": "D"})
+    return nets["D"], nets["G"], cfg, extra
 
 
 def primary_generator(cfg: Config) -> str:

@@ -6,7 +6,13 @@ from torch import Tensor, nn
 
 from gan.config import ModelConfig
 from gan.models.families import register_model
-from gan.models.heads import DiscriminatorHead, GeneratorInput, apply_spectral_norm, image_shape, pack_samples
+from gan.models.heads import (
+    DiscriminatorHead,
+    GeneratorInput,
+    ImageDiscriminator,
+    apply_spectral_norm,
+    image_shape,
+)
 
 # Side of G's first feature map (and D's last) -> stride-2 stages up to the resolution.
 STEM = {28: (7, 2), 32: (4, 3), 64: (4, 4)}
@@ -58,7 +64,7 @@ class DCGANGenerator(nn.Module):
         return self.net(self.input(z, y))
 
 
-class DCGANDiscriminator(nn.Module):
+class DCGANDiscriminator(ImageDiscriminator):
     """Image -> stages of Conv2d(4, 2, 1) [+ Conv2d(3, 1, 1) ...] (d, 2d, 4d, ... channels) -> flatten -> head.
 
     With d = d_width: 28: (B, d, 14, 14) -> (B, 2d, 7, 7); 32: ... -> (B, 4d, 4, 4); 64: ... -> (B, 8d, 4, 4).
@@ -92,12 +98,6 @@ class DCGANDiscriminator(nn.Module):
                                       semi_supervised=semi_supervised)
         if not fan_in_init:
             self.apply(dcgan_init)
-
-    def forward(self, x: Tensor, y: Tensor | None = None, *, features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-        """Logits; with `features`, (logits, the last hidden layer's (B, F) features) (see DiscriminatorHead)."""
-        h = self.body(pack_samples(x, self.pack))
-        out = self.head(h, y)
-        return (out, h) if features else out
 
 
 @register_model("dcgan")

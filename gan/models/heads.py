@@ -113,6 +113,21 @@ def pack_samples(x: Tensor, pack: int) -> Tensor:
     return x.reshape(x.shape[0] // pack, pack * x.shape[1], *x.shape[2:])
 
 
+class ImageDiscriminator(nn.Module):
+    """The forward pass the image families' D share: `pack_samples` -> `body` (to (B, F) features) -> `head`; the
+    subclass builds `pack`, `body` and `head`."""
+
+    pack: int
+    body: nn.Module
+    head: DiscriminatorHead
+
+    def forward(self, x: Tensor, y: Tensor | None = None, *, features: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits; with `features`, (logits, the last hidden layer's (B, F) features) (see DiscriminatorHead)."""
+        h = self.body(pack_samples(x, self.pack))
+        out = self.head(h, y)
+        return (out, h) if features else out
+
+
 class FourierFeatures(nn.Module):
     """(B, d) -> (B, d + 2F): x beside sin(x W) and cos(x W), W a fixed (d, F) draw of N(0, scale^2).
 

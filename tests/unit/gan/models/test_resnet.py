@@ -1,4 +1,4 @@
-"""The residual family: shapes and range at every resolution and channel count, blocks that start as the identity,
+"""The residual family: shapes and range at every resolution and channel count, G's blocks that start as the identity,
 no normalisation layer, the heads of the other families, and a short CPU fit on digits that lowers its FID."""
 
 import pytest
@@ -36,10 +36,15 @@ def test_shapes_and_range_at_every_resolution(resolution, channels):
     assert not any(isinstance(m, norms) for m in [*G.modules(), *D.modules()])
 
 
-def test_blocks_start_as_the_identity():
-    block = ResidualBlock(4)
+def test_g_blocks_start_as_the_identity_and_d_blocks_do_not():
     x = torch.randn(2, 4, 8, 8)
-    assert torch.equal(block(x), x)
+    assert torch.equal(ResidualBlock(4)(x), x)
+    assert not torch.allclose(ResidualBlock(4, identity_at_start=False)(x), x)
+    G, D = make((1, 28, 28))
+    g_blocks = [m for m in G.modules() if isinstance(m, ResidualBlock)]
+    d_blocks = [m for m in D.modules() if isinstance(m, ResidualBlock)]
+    assert len(g_blocks) == 3 and all(not b.conv2.weight.any() for b in g_blocks)
+    assert len(d_blocks) == 2 and all(b.conv2.weight.any() for b in d_blocks)
 
 
 def test_conditional_and_semi_supervised_heads():
