@@ -238,7 +238,7 @@ def main() -> None:
     parser.add_argument("--low-data-images", type=int, default=1000, help="training images of the low-data part")
     parser.add_argument("--low-data-presets", default="mnist-dcgan,mnist-resnet",
                         help="comma-separated MNIST presets of the low-data part")
-    parser.add_argument("--low-data-kimg", type=float, default=200.0, help="images per low-data run, in thousands")
+    parser.add_argument("--low-data-kimg", type=float, default=400.0, help="images per low-data run, in thousands")
     parser.add_argument("--sgan-draws", type=int, default=3, help="labelled subsets drawn for the sgan part")
     parser.add_argument("--sgan-kimg", type=float, default=None, help="images per sgan run (default: the preset's)")
     parser.add_argument("--kimg-2d", type=float, default=None, help="images per 2-D preset (default: the preset's)")
