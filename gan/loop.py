@@ -26,8 +26,10 @@ from gan.config_loader import to_dict
 from gan.data.labelled import LabelledPool
 from gan.data.reader import Manifest
 from gan.data.sources import mode_centres
+from gan.data.transforms import to_pixels
 from gan.models import build_models
 from gan.rendering import save_samples
+from gan.scoring import save_reconstruction_png
 from gan.step import Augment, StepStats, d_step, ema_update, g_step
 
 T = TypeVar("T")
@@ -216,6 +218,13 @@ class _Reporter:
         # Where this process's time went since its first step (cumulative seconds, reported with every metric):
         # steps (data included), saving checkpoints and sample grids, and inside `report` (before this one).
         self.started, self.spent = self.t_last, {"checkpoint": 0.0, "report": 0.0}
+        self.grid_real: Tensor | None = None
+
+    def keep_grid_images(self, real: Tensor) -> None:
+        """A plain autoencoder's decoder has no prior to sample from, so its grid shows reconstructions: of the
+        first images this process trains on (after a resume, those of its first batch since)."""
+        if self.cfg.model.family == "ae" and self.grid_real is None:
+            self.grid_real = real[:self.cfg.train.sample_grid].detach().cpu()
 
     def _timed(self, kind: str, work: Callable[[], T]) -> T:
         t = time.perf_counter()
@@ -227,6 +236,11 @@ class _Reporter:
     def _save(self, directory: str) -> None:
         state, cfg = self.state, self.cfg
         save_state(state, directory, cfg, self.spec)
+        if self.grid_real is not None:
+            with torch.no_grad():
+                save_reconstruction_png(unwrap(state.D), unwrap(state.G), to_pixels(self.grid_real),
+                                        Path(directory) / "samples.png", rows=max(1, cfg.train.sample_grid // 16))
+            return
         save_samples(state.G_ema if cfg.optim.ema else unwrap(state.G), self.z_fixed, self.y_fixed,
                      Path(directory) / "samples.png", scale=self.spec.scale, centres=self.spec.centres,
                      title=f"{cfg.name} @ {state.kimg:.1f} kimg")
@@ -364,6 +378,7 @@ def fit(cfg: Config, batches: Batches, *, spec: DataSpec, report: Report, resume
             got_batch = True
             _set_lrs(state, cfg.optim, lr_factor(cfg.optim, state.images / target))
             real = real.to(device, non_blocking=True)
+            reporter.keep_grid_images(real)
             y = None if y is None else y.to(device, non_blocking=True)
             stats = _train_on(state, cfg, real, y, world_size=world_size, augment=augment,
                               precision=lambda: _precision(device, autocast_dtype), labelled=labelled)

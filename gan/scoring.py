@@ -109,6 +109,7 @@ def save_reconstruction_png(encoder: nn.Module, decoder: nn.Module, x_uint8: np.
                             rows: int = 4, columns: int = 8) -> Path:
     """A PNG of the first `rows` x `columns` images of `x_uint8` (whole rows of them), each row followed by its
     reconstructions."""
+    columns = max(1, min(columns, len(x_uint8)))
     count = min(len(x_uint8), rows * columns) // columns * columns
     real = to_model_range(torch.as_tensor(x_uint8[:count]))
     pairs = torch.stack([real, reconstruct(encoder, decoder, real)]).unflatten(1, (-1, columns))  # (2, R, cols, C,H,W)

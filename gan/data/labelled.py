@@ -5,15 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from gan.data.reader import Manifest, keep_labels, read_split
-from gan.data.transforms import to_model_range
-
-MAX_SHIFT, MAX_ZOOM = 2.0, 0.1
-"""A labelled batch's augmentation (`augment`): shifts of up to 2 pixels and zooms of up to 10%, the plain classifier's
-(gan.metrics.evaluator), so the SGAN and the classifier it is compared with learn from the same views of the labels."""
+from gan.data.transforms import shift_and_zoom, to_model_range
 
 
 def labelled_subset(x: np.ndarray, y: np.ndarray, labels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,21 +55,9 @@ class LabelledPool:
         index = torch.cat([torch.randperm(len(self), generator=gen) for _ in range(rounds)])[:size]
         index = index.to(self.y.device)
         x = self.x[index]
+        # The plain classifier's augmentation (gan.metrics.evaluator), so the SGAN and the classifier it is compared
+        # with learn from the same views of the labels.
         return (shift_and_zoom(x, gen) if augment else x), self.y[index]
-
-
-def shift_and_zoom(x: Tensor, gen: torch.Generator) -> Tensor:
-    """(B, C, H, W) images each shifted by up to MAX_SHIFT pixels and zoomed by up to MAX_ZOOM, edge pixels repeated;
-    the transforms are drawn from `gen` (on the CPU)."""
-    if x.dim() != 4:
-        raise ValueError(f"augmenting a labelled batch needs images (B, C, H, W), got {tuple(x.shape)}")
-    b, _, h, _ = x.shape
-    u = torch.rand(b, 3, generator=gen) * 2 - 1
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = 1 + MAX_ZOOM * u[:, 0]
-    theta[:, :, 2] = u[:, 1:] * (2 * MAX_SHIFT / h)  # grid coordinates span 2 over h pixels
-    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
 
 
 def read_labelled_pool(manifest: Manifest, *, labels: int, seed: int, rank: int = 0) -> LabelledPool:

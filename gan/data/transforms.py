@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def to_model_range(x: torch.Tensor | np.ndarray, scale: float = 1.0) -> torch.Tensor:
@@ -22,3 +23,18 @@ def to_pixels(x: torch.Tensor) -> torch.Tensor:
 def to_points(x: torch.Tensor, scale: float) -> torch.Tensor:
     """G output in [-1, 1] -> data coordinates (the inverse of `to_model_range` for points)."""
     return x.detach().float() * scale
+
+
+def shift_and_zoom(x: torch.Tensor, gen: torch.Generator, *, max_shift: float = 2.0,
+                   max_zoom: float = 0.1) -> torch.Tensor:
+    """(B, C, H, W) images each shifted by up to `max_shift` pixels and zoomed by up to `max_zoom`, edge pixels
+    repeated; the transforms are drawn from `gen` (on the CPU). The evaluator's and the labelled pool's augmentation."""
+    if x.dim() != 4:
+        raise ValueError(f"shifting and zooming needs images (B, C, H, W), got {tuple(x.shape)}")
+    b, _, h, _ = x.shape
+    u = torch.rand(b, 3, generator=gen) * 2 - 1
+    theta = torch.zeros(b, 2, 3)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1 + max_zoom * u[:, 0]
+    theta[:, :, 2] = u[:, 1:] * (2 * max_shift / h)  # grid coordinates span 2 over h pixels
+    grid = F.affine_grid(theta.to(x.device, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from gan import storage
 from gan.config import EVALUATOR_FEATURES
-from gan.data.transforms import to_model_range
+from gan.data.transforms import shift_and_zoom, to_model_range
 from gan.rendering import eval_mode
 
 log = logging.getLogger(__name__)
@@ -84,20 +84,6 @@ class Evaluator(nn.Module):
         return self.features_and_logits(x)[1]
 
 
-def _augment(x: Tensor, gen: torch.Generator, max_shift: float = 2.0, max_scale: float = 0.1) -> Tensor:
-    """Random shifts of up to `max_shift` pixels and zooms of up to `max_scale`, edge pixels repeated."""
-    b, _, h, _ = x.shape
-    u = torch.rand(b, 3, generator=gen) * 2 - 1
-    scale = 1 + max_scale * u[:, 0]
-    shift = u[:, 1:] * (2 * max_shift / h)  # grid coordinates span 2 over h pixels
-    theta = torch.zeros(b, 2, 3)
-    theta[:, 0, 0] = theta[:, 1, 1] = scale
-    theta[:, :, 2] = shift
-    theta = theta.to(x.device)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    return F.grid_sample(x, grid, padding_mode="border", align_corners=False)
-
-
 @torch.no_grad()
 def accuracy(model: nn.Module, x_uint8: np.ndarray | Tensor, y: np.ndarray | Tensor, batch_size: int = 1000) -> float:
     """Share of `x_uint8` that `model` classifies as `y`, in eval mode."""
@@ -140,7 +126,7 @@ def train_evaluator(x_train_uint8: np.ndarray, y_train: np.ndarray, x_test_uint8
                 idx = order[i * batch_size:(i + 1) * batch_size]
                 x = to_model_range(x_train[idx]).to(device)
                 if augment:
-                    x = _augment(x, gen)
+                    x = shift_and_zoom(x, gen)
                 loss = F.cross_entropy(model(x), y_train[idx].to(device))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -7,12 +7,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from gan.config_loader import load_config
 from gan.data.sources import MODE_SIGMA, mode_centres
+from gan.data.transforms import to_model_range, to_pixels
 from gan.loop import DataSpec, NonFiniteLossError, fit, lr_factor
 from gan.metrics.modes import mode_stats
 from gan.rendering import generate
+from gan.scoring import save_reconstruction_png
 
 
 def ring_points(n: int, seed: int = 0) -> torch.Tensor:
@@ -66,6 +69,24 @@ def test_checkpoint_folder_holds_state_meta_and_samples():
     fit(load_config(None, SMALL + ["train.kimg=0.2", "train.batch_size=50"]), ring_batches(50), spec=SPEC,
         report=report)
     assert seen == [["meta.json", "samples.png", "state.pt"]]
+
+
+def test_an_autoencoders_grid_shows_the_first_images_over_their_reconstructions(tmp_path):
+    """A plain autoencoder's decoder has no prior to sample, so its checkpoint grid is save_reconstruction_png's."""
+    x = to_model_range(torch.randint(0, 256, (64, 1, 8, 8), generator=torch.Generator().manual_seed(0),
+                                     dtype=torch.uint8))
+    grids = []
+
+    def report(metrics, ckpt):
+        if ckpt:
+            grids.append(np.asarray(Image.open(Path(ckpt) / "samples.png")))
+    cfg = load_config(None, ["data.source=digits", "model.family=ae", "model.z_dim=4", "model.encoder_hidden=[16]",
+                             "model.decoder_hidden=[16]", "train.batch_size=16", "train.kimg=0.064",
+                             "train.sample_grid=16"])
+    state = fit(cfg, lambda epoch: ((x[i:i + 16], None) for i in range(0, 64, 16)),
+                spec=DataSpec(shape=(1, 8, 8)), report=report)
+    save_reconstruction_png(state.D, state.G, to_pixels(x[:16]), tmp_path / "expected.png", rows=1)
+    assert len(grids) == 1 and np.array_equal(grids[0], np.asarray(Image.open(tmp_path / "expected.png")))
 
 
 def test_n_critic_takes_one_g_step_per_n_d_steps():

@@ -34,6 +34,7 @@ from gan.data import (
     verify,
 )
 from gan.data.prepare import dataset_id
+from gan.data.transforms import shift_and_zoom
 
 REPO = Path(__file__).resolve().parents[4]
 MNIST_T10K = Path(__file__).resolve().parents[5] / "shared" / "data" / "mnist-t10k"
@@ -58,6 +59,24 @@ def test_pixels_round_trip_exactly_through_model_range() -> None:
     scaled = to_model_range(pixels)
     assert scaled.min() == -1 and scaled.max() == 1
     assert torch.equal(to_pixels(scaled), pixels)
+
+
+def test_shift_and_zoom_moves_images_by_at_most_its_bounds_and_is_seeded() -> None:
+    x = torch.zeros(64, 1, 28, 28)
+    x[:, :, 12:16, 12:16] = 1.0  # a centred square, so zooming about the centre leaves its centroid in place
+    rows = torch.arange(28.0).view(1, 1, 28, 1)
+
+    def centroid_rows(images: torch.Tensor) -> torch.Tensor:
+        return (images * rows).sum((1, 2, 3)) / images.sum((1, 2, 3))
+
+    assert torch.allclose(shift_and_zoom(x, torch.Generator().manual_seed(0), max_shift=0, max_zoom=0), x, atol=1e-6)
+    moved = shift_and_zoom(x, torch.Generator().manual_seed(0), max_shift=2.0, max_zoom=0.1)
+    shift = (centroid_rows(moved) - centroid_rows(x)).abs()
+    assert shift.max() <= 2.0 + 1e-4 and shift.max() > 1.0, "shifts span up to 2 pixels"
+    assert torch.equal(moved, shift_and_zoom(x, torch.Generator().manual_seed(0)))
+    assert not torch.equal(moved, shift_and_zoom(x, torch.Generator().manual_seed(1)))
+    with pytest.raises(ValueError, match="images"):
+        shift_and_zoom(torch.zeros(4, 2), torch.Generator())
 
 
 @pytest.mark.parametrize("source, modes, scale", [("ring8", 8, 1.5), ("grid25", 25, 5.0)])
