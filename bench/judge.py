@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,10 +47,12 @@ def with_overrides(cfg: Config, overrides: list[str]) -> Config:
     return from_dict(apply_overrides(to_dict(cfg), dict(map(parse_override, overrides))))
 
 
-def train(cfg: Config, dataset_dir: Path, *, subset: int = 0, budget_s: float = 0.0) -> tuple[TrainState, float]:
+def train(cfg: Config, dataset_dir: Path, *, subset: int = 0, budget_s: float = 0.0,
+          on_checkpoint: Callable[[dict[str, float], str], None] | None = None) -> tuple[TrainState, float]:
     """fit on the train split held in memory (its first `subset` images of a seeded shuffle when > 0), reshuffled per
     epoch by seed; ends after `budget_s` seconds when > 0 (checked at each log interval); a semi-supervised run gets
-    its labelled pool (`model.labels` rows chosen by `train.seed`). The state and seconds."""
+    its labelled pool (`model.labels` rows chosen by `train.seed`); `on_checkpoint(metrics, folder)` sees each
+    checkpoint before it is deleted. The state and seconds."""
     manifest = load_manifest(dataset_dir)
     x, y = read_split(manifest, "train")
     pool = (LabelledPool.from_split(x, y, labels=cfg.model.labels, seed=cfg.train.seed, scale=manifest.scale)
@@ -70,7 +72,9 @@ def train(cfg: Config, dataset_dir: Path, *, subset: int = 0, budget_s: float = 
 
     t0 = time.perf_counter()
 
-    def report(_metrics: dict[str, float], _ckpt: str | None) -> bool:
+    def report(metrics: dict[str, float], ckpt: str | None) -> bool:
+        if ckpt is not None and on_checkpoint is not None:
+            on_checkpoint(metrics, ckpt)
         return budget_s > 0 and time.perf_counter() - t0 >= budget_s
 
     state = fit(cfg, batches, spec=DataSpec.from_manifest(manifest), report=report, labelled=pool)
@@ -107,13 +111,9 @@ class Judge:
     evaluator: nn.Module
     num_samples: int
 
-    def score(self, name: str, cfg: Config, *, subset: int = 0, budget_s: float = 0.0) -> tuple[Row, TrainState]:
-        """Trains `cfg` (see `train`) and scores its generator: FID/IS/KID/precision/recall against the whole
-        train split, class balance, seconds."""
-        print(f"{name}: training {cfg.train.kimg:g} kimg{f' on {subset} images' if subset else ''}"
-              f"{f' or {budget_s:.0f} s' if budget_s else ''} ...", flush=True)
-        state, train_s = train(cfg, self.dataset_dir, subset=subset, budget_s=budget_s)
-        G = generator(state, cfg)
+    def rate(self, G: nn.Module, cfg: Config) -> Row:
+        """FID/IS/KID/precision/recall of a frozen generator against the whole train split, its class balance, and
+        the seconds its scoring took."""
         t0 = time.perf_counter()
         metrics = score_images(G, cfg, self.manifest.num_classes, self.x_train, self.evaluator)
         eval_s = time.perf_counter() - t0
@@ -121,11 +121,20 @@ class Judge:
         fake = to_model_range(to_pixels(sample(BALANCE_SAMPLES, torch.Generator().manual_seed(cfg.eval.seed + 7))))
         tag = count_tag(self.num_samples)
         row = {key: metrics[f"eval/{key}_{tag}"] for key in ("fid", "is", "kid", "precision", "recall")}
-        row.update(balance(class_shares(fake, self.evaluator)), train_s=train_s, eval_s=eval_s, kimg=state.kimg)
+        row.update(balance(class_shares(fake, self.evaluator)), eval_s=eval_s)
         if f"eval/class_agreement_{tag}" in metrics:  # a conditional G: the share drawn as the class asked
             row["class_agreement"] = metrics[f"eval/class_agreement_{tag}"]
+        return row
+
+    def score(self, name: str, cfg: Config, *, subset: int = 0, budget_s: float = 0.0) -> tuple[Row, TrainState]:
+        """Trains `cfg` (see `train`) and scores its generator: FID/IS/KID/precision/recall against the whole
+        train split, class balance, seconds."""
+        print(f"{name}: training {cfg.train.kimg:g} kimg{f' on {subset} images' if subset else ''}"
+              f"{f' or {budget_s:.0f} s' if budget_s else ''} ...", flush=True)
+        state, train_s = train(cfg, self.dataset_dir, subset=subset, budget_s=budget_s)
+        row = {**self.rate(generator(state, cfg), cfg), "train_s": train_s, "kimg": state.kimg}
         print(f"{name}: FID {row['fid']:.2f}, IS {row['is']:.2f} at {state.kimg:.1f} kimg (train {train_s:.0f} s, "
-              f"eval {eval_s:.1f} s)", flush=True)
+              f"eval {row['eval_s']:.1f} s)", flush=True)
         return row, state
 
 

@@ -9,6 +9,8 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -40,13 +42,14 @@ from gan.loop import TrainState
 from gan.metrics import count_tag
 from gan.metrics.semi_supervised import plain_accuracy, sgan_accuracy
 from gan.models import realness_logit
-from gan.scoring import POINT_SAMPLES, score_points
+from gan.scoring import POINT_SAMPLES, generators_from_checkpoint, primary_generator, score_points
 
 MNIST_PRESETS = ("mnist-mlp", "mnist-dcgan", "mnist-resnet", "mnist-vae", "mnist-cdcgan", "mnist-ae")
 POINT_PRESETS = ("ring8", "grid25")
 EQUAL_TIME_ROW = "mnist-resnet (mnist-dcgan's wall time)"
 MAX_SHARE = 0.20
 DIFFAUGMENT = "color,translation,cutout"
+CURVE_PRESETS = ("mnist-dcgan", "mnist-resnet")
 
 
 def mnist_configs(args: argparse.Namespace) -> dict[str, Config]:
@@ -70,6 +73,34 @@ def run_mnist(args: argparse.Namespace, judge: Judge, cfgs: dict[str, Config]) -
     reconstruction = {"mnist-ae": reconstruction_row(ae_state, judge, ae_s),
                       "mnist-vae": reconstruction_row(states["mnist-vae"], judge, rows["mnist-vae"]["train_s"])}
     return rows, reconstruction
+
+
+def train_keeping_checkpoints(cfg: Config, judge: Judge, kept: Path) -> list[tuple[Path, float, float]]:
+    """Trains `cfg` (see `train`) and copies each checkpoint under `kept`: (folder, kimg, the steps' own seconds)."""
+    points: list[tuple[Path, float, float]] = []
+
+    def keep(metrics: dict[str, float], folder: str) -> None:
+        points.append((kept / str(len(points)), metrics["progress/kimg"], metrics["time/steps_s"]))
+        shutil.copytree(folder, points[-1][0])
+    train(cfg, judge.dataset_dir, on_checkpoint=keep)
+    return points
+
+
+def run_curves(args: argparse.Namespace, judge: Judge, cfgs: dict[str, Config]) -> dict[str, list[Row]]:
+    """mnist-dcgan and mnist-resnet for --kimg each, with a checkpoint every --curve-every kimg whose generator is
+    scored after training: FID against the steps' own seconds (saving checkpoints excluded), one row per checkpoint."""
+    curves = {}
+    for name in CURVE_PRESETS:
+        cfg = with_overrides(cfgs[name], [f"train.log_every_kimg={args.curve_every}",
+                                          f"train.checkpoint_every_kimg={args.curve_every}"])
+        print(f"{name}: training {cfg.train.kimg:g} kimg, a checkpoint every {args.curve_every:g} ...", flush=True)
+        with tempfile.TemporaryDirectory(prefix="curve-") as kept:
+            curves[name] = [{**judge.rate(generators_from_checkpoint(folder)[0][primary_generator(cfg)], cfg),
+                             "kimg": kimg, "train_s": seconds}
+                            for folder, kimg, seconds in train_keeping_checkpoints(cfg, judge, Path(kept))]
+        print(f"{name}: " + ", ".join(f"{r['kimg']:.0f} kimg {r['train_s']:.0f} s FID {r['fid']:.1f}"
+                                      for r in curves[name]), flush=True)
+    return curves
 
 
 def reconstruction_row(state: TrainState, judge: Judge, train_s: float) -> Row:
@@ -188,6 +219,27 @@ def mnist_lines(rows: dict[str, Row], num_classes: int, num_samples: int, num_re
             f"{verdict(conditional['class_agreement'] >= 0.95)}"]
 
 
+def curve_lines(curves: dict[str, list[Row]], num_samples: int) -> list[str]:
+    """The two curves side by side, and the verdict at mnist-dcgan's last time against the residual family's last
+    checkpoint at or before it (no extra time for the residual family, and no interpolation)."""
+    dcgan, resnet = (curves[name] for name in CURVE_PRESETS)
+    lines = ["| checkpoint | mnist-dcgan kimg | s | FID | mnist-resnet kimg | s | FID |", "| ---: |" + " ---: |" * 6]
+    for i, (d, r) in enumerate(zip(dcgan, resnet, strict=True), start=1):
+        lines.append(f"| {i} | {d['kimg']:.0f} | {d['train_s']:.0f} | {d['fid']:.2f} | {r['kimg']:.0f} | "
+                     f"{r['train_s']:.0f} | {r['fid']:.2f} |")
+    end = dcgan[-1]
+    within = [r for r in resnet if r["train_s"] <= end["train_s"]]
+    lines += ["", f"FID of {count_tag(num_samples)} samples of each checkpoint's generator; seconds are the training "
+                  "steps' own (saving checkpoints excluded).", ""]
+    if not within:
+        return [*lines, f"- resnet FID <= dcgan FID at equal wall time: no resnet checkpoint within "
+                        f"{end['train_s']:.0f} s: MISS"]
+    timed = within[-1]
+    return [*lines, f"- resnet FID <= dcgan FID at equal wall time (resnet's last checkpoint within dcgan's "
+                    f"{end['train_s']:.0f} s: {timed['kimg']:.0f} kimg, {timed['train_s']:.0f} s): {timed['fid']:.3f} "
+                    f"vs {end['fid']:.3f}: {verdict(timed['fid'] <= end['fid'])}"]
+
+
 def reconstruction_lines(rows: dict[str, Row]) -> list[str]:
     lines = ["| model | MSE / pixel | BCE / pixel | kimg | train s |", "| --- |" + " ---: |" * 4]
     for name, r in rows.items():
@@ -228,13 +280,15 @@ def point_lines(rows: dict[str, Row]) -> list[str]:
     return lines
 
 
-PARTS = ("mnist", "low-data", "sgan", "2d")
+PARTS = ("mnist", "curve", "low-data", "sgan", "2d")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", help=f"comma-separated parts to run, among {', '.join(PARTS)} (default: all)")
     parser.add_argument("--kimg", type=float, default=480.0, help="images per MNIST preset, in thousands")
+    parser.add_argument("--curve-every", type=float, default=40.0,
+                        help="kimg between the curve part's checkpoints (it trains for --kimg)")
     parser.add_argument("--low-data-images", type=int, default=1000, help="training images of the low-data part")
     parser.add_argument("--low-data-presets", default="mnist-dcgan,mnist-resnet",
                         help="comma-separated MNIST presets of the low-data part")
@@ -263,6 +317,9 @@ def main() -> None:
             rows = {floor_name: floor_row, **generators}
             lines += ["## MNIST", "", *mnist_lines(rows, num_classes, judge.num_samples, len(judge.x_train)), "",
                       "## MNIST autoencoders", "", *reconstruction_lines(reconstruction), ""]
+        if "curve" in parts:
+            lines += ["## MNIST: mnist-dcgan and mnist-resnet over training", "",
+                      *curve_lines(run_curves(args, judge, cfgs), judge.num_samples), ""]
         if "low-data" in parts:
             rows = {floor_name: floor_row, **run_low_data(args, judge, cfgs)}
             lines += [f"## MNIST, {args.low_data_images} training images", "",
