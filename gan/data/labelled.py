@@ -61,9 +61,9 @@ class LabelledPool:
 
 
 def read_labelled_pool(manifest: Manifest, *, labels: int, seed: int, rank: int = 0) -> LabelledPool:
-    """The pool of a prepared dataset's training split (read whole, then all but `labels` rows dropped), for a
-    worker that streams its own shard of the split and so never holds all of it."""
-    x, y = read_split(manifest, "train", verify=False)
-    if y is None:
+    """The pool of a prepared dataset's training split, for a worker that streams its own shard of the split and so
+    never holds all of it: the labels are read first, then only the kept rows' images, shard by shard."""
+    if not manifest.labelled:
         raise ValueError(f"dataset {manifest.dataset_id} has no labels: a semi-supervised GAN needs them")
-    return LabelledPool.from_split(x, y, labels=labels, seed=seed, scale=manifest.scale, rank=rank)
+    x, y = read_split(manifest, "train", verify=False, keep=lambda y_all: keep_labels(y_all, labels, seed) >= 0)
+    return LabelledPool(to_model_range(x, manifest.scale), torch.from_numpy(y), seed=seed, rank=rank)

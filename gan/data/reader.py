@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,25 +234,45 @@ def decode(x_column: Any, y_column: Any, manifest: Manifest) -> tuple[np.ndarray
     return x, y
 
 
-def read_split(dataset: str | Path | Manifest, split: str, *, verify: bool = True
-               ) -> tuple[np.ndarray, np.ndarray | None]:
-    """All of a split in memory: x (N, *shape) in the stored dtype, y int64 (None when unlabelled)."""
-    manifest = dataset if isinstance(dataset, Manifest) else load_manifest(dataset)
-    if verify:
-        _verify(manifest, split)
-    tables = []
+def _read_shards(manifest: Manifest, split: str, columns: list[str]) -> Iterator[pa.Table]:
+    """The split's shards one at a time (a caller that drops rows never holds more than one whole shard)."""
     fs, paths = shard_files(manifest, split)
     for path, location in zip(paths, shard_paths(manifest, split)):
         try:
-            tables.append(pq.read_table(path, columns=["x", "y"], filesystem=fs))
+            table = pq.read_table(path, columns=columns, filesystem=fs)
         except (pa.ArrowException, OSError) as err:
             raise DatasetError(f"shard {location} is unreadable as Parquet: {err}") from err
+        yield table
+
+
+def read_split(dataset: str | Path | Manifest, split: str, *, verify: bool = True,
+               keep: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """All of a split in memory: x (N, *shape) in the stored dtype, y int64 (None when unlabelled).
+
+    `keep` (labelled splits) maps all of the split's labels to a boolean mask of the rows to return; the labels are
+    read first and the other rows dropped shard by shard, so a few kept rows never cost the whole split's memory."""
+    manifest = dataset if isinstance(dataset, Manifest) else load_manifest(dataset)
+    if verify:
+        _verify(manifest, split)
+    if keep is not None:
+        if not manifest.labelled:
+            raise DatasetError(f"dataset {manifest.dataset_id} has no labels to choose rows by")
+        labels = [t.column("y").to_numpy() for t in _read_shards(manifest, split, ["y"])]
+        total = sum(map(len, labels))
+        if total != manifest.count(split):
+            raise DatasetError(f"{manifest.path}: split {split} holds {total} rows, manifest says "
+                               f"{manifest.count(split)}")
+        mask = np.asarray(keep(np.concatenate(labels).astype(np.int64) if labels else np.empty(0, np.int64)), bool)
+        bounds = np.cumsum([0, *map(len, labels)])
+    tables = []
+    for i, table in enumerate(_read_shards(manifest, split, ["x", "y"])):
+        tables.append(table if keep is None else table.filter(pa.array(mask[bounds[i]:bounds[i + 1]])))
     if not tables:
         x = np.empty((0, *manifest.shape), manifest.dtype)
         return x, (np.empty(0, np.int64) if manifest.labelled else None)
     table = pa.concat_tables(tables)
     x, y = decode(table.column("x"), table.column("y"), manifest)
-    if len(x) != manifest.count(split):
+    if keep is None and len(x) != manifest.count(split):
         raise DatasetError(f"{manifest.path}: split {split} holds {len(x)} rows, manifest says "
                            f"{manifest.count(split)}")
     return x, y

@@ -209,6 +209,8 @@ def test_flat_image_folder_is_unlabelled(tmp_path: Path) -> None:
     x_tr, y_tr = read_split(path, "train")
     assert (m.num_classes, m.labels, m.shape, len(x_tr), y_tr) == (0, (), (1, 8, 8), 8, None)
     assert pq.read_table(shard_paths(m, "train")[0]).column("y").to_pylist() == [-1] * 8
+    with pytest.raises(DatasetError, match="no labels to choose rows by"):
+        read_split(path, "train", keep=lambda y: y >= 0)
     rgb, _ = read_split(prepare(DataConfig(source="folder", root=str(tmp_path / "in"), resolution=8, channels=3),
                                 tmp_path / "out"), "train")
     assert rgb.shape[1] == 3 and np.array_equal(rgb[:, 0], rgb[:, 2])

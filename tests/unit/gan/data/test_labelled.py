@@ -8,7 +8,7 @@ import torch
 from gan.config import DataConfig
 from gan.data import keep_labels, prepare, read_split, to_model_range
 from gan.data.labelled import LabelledPool, labelled_subset, read_labelled_pool
-from gan.data.reader import load_manifest
+from gan.data.reader import load_manifest, shard_paths
 
 
 def toy_split(n: int = 300, classes: int = 10, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -65,10 +65,18 @@ def test_a_pool_refuses_unlabelled_rows_and_too_many_labels():
         labelled_subset(x, y, 31, 0)
 
 
-def test_a_worker_reads_the_pool_of_a_prepared_split(tmp_path):
-    manifest = load_manifest(prepare(DataConfig(source="digits", resolution=8), tmp_path))
+def test_a_worker_reads_the_pool_of_a_prepared_split_shard_by_shard(tmp_path):
+    manifest = load_manifest(prepare(DataConfig(source="digits", resolution=8, shard_rows=200), tmp_path))
+    assert len(shard_paths(manifest, "train")) > 3, "the kept rows come from several shards"
     x, y = read_split(manifest, "train")
     pool = read_labelled_pool(manifest, labels=30, seed=2, rank=1)
     x_kept, y_kept = labelled_subset(x, y, 30, 2)
     assert torch.equal(pool.x, to_model_range(x_kept)) and torch.equal(pool.y, torch.from_numpy(y_kept))
     assert pool.rank == 1 and pool.seed == 2
+
+
+def test_reading_chosen_rows_returns_exactly_them(tmp_path):
+    digits = load_manifest(prepare(DataConfig(source="digits", resolution=8, shard_rows=200), tmp_path))
+    x_all, y_all = read_split(digits, "train")
+    x, y = read_split(digits, "train", keep=lambda labels: labels == 3)
+    assert len(y) > 0 and np.array_equal(x, x_all[y_all == 3]) and np.array_equal(y, y_all[y_all == 3])
