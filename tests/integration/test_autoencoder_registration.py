@@ -1,7 +1,7 @@
 """Registered model kinds over a real SQLite MLflow store, without Ray: a VAE competes with a GAN for the generators'
 champion under the same evaluator, the autoencoder is registered as its own model (never a generator champion, even
 under the generators' name), loads back from models:/ with its decoder and is re-scored on a new test split, and a
-semi-supervised GAN's classifier registers under its own name and loads from models:/."""
+semi-supervised GAN's classifier registers under its own name, loads from models:/ and is re-scored alike."""
 
 from __future__ import annotations
 
@@ -102,3 +102,22 @@ def test_the_semi_supervised_classifier_registers_under_its_own_name_and_loads(s
     registered = accuracy(PixelRangeView(classifier), x_test, y_test)
     assert registered == pytest.approx(evaluated["metrics"]["eval/sgan_accuracy_100_labels"])
     assert registered > 0.2, "better than chance (0.1)"
+
+
+def test_a_classifier_champion_is_rescored_on_a_new_test_split(stage_context, tmp_path):
+    ctx = stage_context
+    sgan = [*GAN, "name=sgan", "model.semi_supervised=true", "model.labels=100", "train.kimg=3"]
+    first_dataset, _, _, first = _pipeline(ctx, tmp_path, *sgan)
+    second_dataset, _, _, second = _pipeline(ctx, tmp_path, *sgan, "data.seed=1", "train.seed=1")
+    assert second_dataset["dataset_hash"] != first_dataset["dataset_hash"]
+    key = "eval/sgan_accuracy_100_labels"
+    tags = {str(v.version): v.tags for v in ctx.tracker.model_versions("classifier-digits-16px")}
+    rescored = float(tags["1"][rescored_tag(tags["2"]["evaluator_id"], key)])
+    classifier, _, _ = ctx.tracker.load_model("models:/classifier-digits-16px/1")
+    x_test, y_test = read_split(second_dataset["dataset_dir"], "test")
+    assert rescored == pytest.approx(accuracy(PixelRangeView(classifier), x_test, y_test)), "on the new test split"
+    better = "2" if float(tags["2"]["score"]) > rescored else "1"
+    assert first["classifier_champion_version"] == "1"
+    champion = ctx.tracker.alias_version("classifier-digits-16px", CHAMPION)
+    assert champion == better == second["classifier_champion_version"]
+    assert "was re-scored under evaluator `test-split-" in second["classifier_decision"]
